@@ -1,0 +1,3 @@
+from nitrokernels.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,20 @@
+"""NitroFusion: dynamic discriminator, adversarial distillation trainer, timestep-shift LCM scheduler, pipeline.
+
+Names are imported lazily so `import nitrokernels` does not pull in diffusers.
+"""
+import importlib
+
+_LAZY = {
+    "DynamicDiscriminator": "nitrokernels.nitro.discriminator",
+    "NitroDistiller": "nitrokernels.nitro.distiller",
+    "DistillConfig": "nitrokernels.nitro.distiller",
+    "TimestepShiftLCMScheduler": "nitrokernels.nitro.scheduler",
+    "load_pipeline": "nitrokernels.nitro.pipeline",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nitrokernels.nitro' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Drop-in nn.Modules built on nitrokernels.ops (same constructor signatures as torch / diffusers)."""

@@ -1,0 +1,5 @@
+"""The functional API: torch.library custom ops with backend dispatch (CUDA extension -> Triton -> eager).
+
+Each op module registers its `DispatchedOp`s in `dispatch.REGISTRY` on import; `nitrokernels info` lists them.
+"""
+from nitrokernels.ops.dispatch import BACKENDS, REGISTRY, BackendUnavailable, use_backend  # noqa: F401
