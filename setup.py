@@ -88,4 +88,5 @@ def main():
     setup(**kwargs)
 
 
-main()
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it
+    main()

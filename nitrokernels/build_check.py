@@ -1,4 +1,4 @@
-"""Compile-check CUDA C++ sources without building the extension: `python -m nitrokernels.build_check [files]`.
+"""Compile-check the CUDA C++ sources without building the extension: `python -m nitrokernels.build_check [files]`.
 
 CI machines have nvcc but no GPU and a CPU build of torch. This compiles each csrc/**/*.cu to an object file
 for sm_90a with the installed torch's headers, which proves the kernels compile. A CPU torch wheel lacks one
@@ -27,7 +27,9 @@ def find_nvcc() -> str | None:
 
 
 def cuda_sources(root: str = REPO) -> list[str]:
-    return sorted(glob.glob(os.path.join(root, "csrc", "**", "*.cu"), recursive=True))
+    """Every source of the extension: csrc/**/*.cu and the C++ bindings (nvcc hands .cpp to the host compiler)."""
+    patterns = ("*.cu", "*.cpp")
+    return sorted(f for p in patterns for f in glob.glob(os.path.join(root, "csrc", "**", p), recursive=True))
 
 
 def _include_flags(shim_dir: str) -> list[str]:

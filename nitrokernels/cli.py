@@ -1,0 +1,135 @@
+"""Command line: `nitrokernels info | demo | generate | bench` (also `python -m nitrokernels ...`)."""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib
+import os
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Subcommands implemented elsewhere: module with add_arguments(parser) and run(args) -> int.
+DELEGATED = {
+    "demo": ("nitrokernels.nitro.demo",
+             "distil the embedded digits teacher into a one-step student with a NitroFusion head pool "
+             "and evaluate it (the main job; runs on a CPU in minutes)"),
+    "generate": ("nitrokernels.nitro.generate",
+                 "generate images in 1-4 steps (NitroSD weights from local paths, or the embedded digits model)"),
+}
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="versions, GPU, CUDA extension, Triton, and which backend each op uses",
+                       description="Print versions, the GPU, whether the CUDA extension is built (and for which "
+                                   "architectures), Triton availability, and per op the backend that would run on "
+                                   "this machine and why the others would not.")
+    p.add_argument("--json", action="store_true", help="print the same information as JSON")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args) -> int:
+    from nitrokernels import info
+
+    if args.json:
+        import json
+        print(json.dumps(info.collect(), indent=2, default=str))
+    else:
+        info.print_info()
+    return 0
+
+
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="run the GPU benchmark suites (fused vs eager/compile baselines, same run)",
+                       description="Run benchmarks/bench_*.py with pytest-benchmark, one suite at a time with a "
+                                   "progress bar. Each suite times the fused path and its baselines in the same run "
+                                   "and appends to benchmarks/results/<gpu>-<date>.json. Needs a CUDA GPU and a "
+                                   "source checkout (the benchmarks are not installed with the package).")
+    p.add_argument("suites", nargs="*", help="suite names, e.g. group_norm heads (default: all)")
+    p.add_argument("--path", default=os.path.join(REPO_ROOT, "benchmarks"), help="benchmarks folder")
+    p.add_argument("-k", dest="keyword", default=None, help="pytest -k expression to select cases")
+    p.add_argument("--out", default=None, help="also write the results JSON into this folder")
+    p.add_argument("--report", action="store_true", help="render the markdown table and PNG chart afterwards")
+    p.set_defaults(func=_run_bench)
+
+
+def _bench_suites(path: str, names: list[str]) -> list[str]:
+    available = sorted(glob.glob(os.path.join(path, "bench_*.py")))
+    if not names:
+        return available
+    by_name = {os.path.basename(f)[len("bench_"):-3]: f for f in available}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise SystemExit(f"nitrokernels bench: unknown suite(s) {unknown}; available: {sorted(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def _run_bench(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    if not os.path.isdir(args.path):
+        print(f"nitrokernels bench: no benchmarks folder at {args.path} (pass --path; benchmarks live in a "
+              "source checkout, not in the installed package)", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("nitrokernels bench: no CUDA GPU here; the benchmarks time GPU kernels and are skipped.")
+        return 0
+    suites = _bench_suites(args.path, args.suites)
+    env = dict(os.environ, **({"NITROKERNELS_BENCH_OUT": args.out} if args.out else {}))
+    failed = []
+    for suite in (bar := tqdm(suites, desc="benchmarks", unit="suite")):
+        bar.set_postfix_str(os.path.basename(suite))
+        cmd = [sys.executable, "-m", "pytest", suite, "--benchmark-only", "-q", "-p", "no:cacheprovider"]
+        if args.keyword:
+            cmd += ["-k", args.keyword]
+        if subprocess.call(cmd, cwd=os.path.dirname(args.path), env=env) not in (0, 5):
+            failed.append(os.path.basename(suite))
+    if args.report:
+        subprocess.call([sys.executable, os.path.join(args.path, "report.py")])
+    if failed:
+        print(f"nitrokernels bench: failed suites: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _add_delegated(sub, name: str, module: str, help_text: str, chosen: bool):
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    if not chosen:  # import the (diffusers-heavy) module only for the command being run
+        return
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as err:
+        # Keep `--help` and the other subcommands working when optional dependencies are missing.
+        missing = err
+
+        def unavailable(args, _err=missing) -> int:
+            print(f"nitrokernels {name}: unavailable ({_err}). Install the NitroFusion extras: "
+                  "pip install 'nitrokernels[nitro]'", file=sys.stderr)
+            return 2
+
+        p.set_defaults(func=unavailable)
+        return
+    mod.add_arguments(p)
+    p.set_defaults(func=mod.run)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = argparse.ArgumentParser(prog="nitrokernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="{info,demo,generate,bench}")
+    _add_info(sub)
+    for name, (module, help_text) in DELEGATED.items():
+        _add_delegated(sub, name, module, help_text, chosen=(name == command))
+    _add_bench(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return int(args.func(args) or 0)
