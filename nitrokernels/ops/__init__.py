@@ -3,3 +3,4 @@
 Each op module registers its `DispatchedOp`s in `dispatch.REGISTRY` on import; `nitrokernels info` lists them.
 """
 from nitrokernels.ops.dispatch import BACKENDS, REGISTRY, BackendUnavailable, use_backend  # noqa: F401
+from nitrokernels.ops.optim import sampled_adamw_  # noqa: F401

@@ -1,0 +1,103 @@
+"""Optimisers for pooled parameters (one row per head along dim 0) that receive sparse gradients.
+
+    pool = nitrokernels.nn.HeadPool(...)
+    opt = nitrokernels.optim.SampledAdamW(pool.parameters(), lr=1e-4)
+    ids = pool.sample(2); loss = pool(features, ids).sum(); loss.backward(); opt.step(); opt.zero_grad()
+
+`SampledAdamW` is torch.optim.AdamW restricted to the rows that received a gradient:
+
+  * gradients may be sparse COO with sparse_dim 1 (what `nitrokernels.ops.head_stack` returns for pooled
+    parameters: indices = head rows, repeated rows are summed) or dense (every row counts as updated);
+  * only those rows are read and written: their weight decay (decoupled, as AdamW), moments and step;
+    every other row keeps bit-identical weights and optimiser state;
+  * each row has its own step counter (state["step"] is a float32 [P] tensor), so the bias correction of a
+    head that was sampled k times is exactly AdamW's after k steps, however many steps the optimiser took;
+  * `reset_rows(param, rows)` zeroes the moments and step of those rows (what `HeadPool.refresh_` calls).
+
+With every row present in every step it computes exactly what torch.optim.AdamW computes. The update runs
+through `nitrokernels.ops.optim.sampled_adamw_`: one CUDA C++ multi-tensor launch by row index when the
+extension is built (no host sync), else the eager index-based reference.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from nitrokernels.ops.optim import sampled_adamw_
+
+__all__ = ["SampledAdamW"]
+
+
+class SampledAdamW(torch.optim.Optimizer):
+    """AdamW that updates only the rows (dim 0) of each parameter present in its (sparse) gradient.
+
+    Args: as torch.optim.AdamW (params, lr, betas, eps, weight_decay); amsgrad, maximize, foreach,
+    capturable and fused are not offered.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2):
+        if isinstance(lr, torch.Tensor) or not 0.0 <= lr:
+            raise ValueError(f"SampledAdamW: invalid learning rate {lr!r} (a non-negative float)")
+        if not 0.0 <= eps:
+            raise ValueError(f"SampledAdamW: invalid eps {eps!r}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"SampledAdamW: invalid betas {betas!r} (two values in [0, 1))")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"SampledAdamW: invalid weight_decay {weight_decay!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    # ------------------------------------------------------------------------------------------ state
+    def _state_of(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            if p.dim() == 0:
+                raise ValueError("SampledAdamW: 0-dim parameters have no rows; use torch.optim.AdamW for them")
+            state["step"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif state["step"].device != p.device:  # e.g. after load_state_dict, which keeps "step" where it was
+            state["step"] = state["step"].to(p.device)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._state_of(p)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            beta1, beta2 = group["betas"]
+            sampled_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
+                           eps=group["eps"], weight_decay=group["weight_decay"])
+        return loss
+
+    @torch.no_grad()
+    def reset_rows(self, param: torch.Tensor, rows) -> None:
+        """Zero the moments and the step counter of `rows` (indices along dim 0) of `param`.
+
+        `rows`: int, sequence of ints or an integer tensor (any device; it is moved, no host sync). Rows of
+        a parameter that has no state yet need nothing. Raises ValueError if `param` is not optimised here.
+        """
+        if not any(param is p for group in self.param_groups for p in group["params"]):
+            raise ValueError("SampledAdamW.reset_rows: this parameter is not in the optimiser's param groups")
+        state = self.state.get(param)
+        if not state:
+            return
+        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        if rows.device.type == "cpu" and rows.numel() and (rows.min() < 0 or rows.max() >= param.shape[0]):
+            raise IndexError(f"SampledAdamW.reset_rows: rows must be in [0, {param.shape[0]}), got {rows.tolist()}")
+        rows = rows.to(param.device, non_blocking=True)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            state[key].index_fill_(0, rows.to(state[key].device, non_blocking=True), 0)
