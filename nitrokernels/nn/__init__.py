@@ -1,1 +1,3 @@
 """Drop-in nn.Modules built on nitrokernels.ops (same constructor signatures as torch / diffusers)."""
+from nitrokernels.nn.attention import NitroAttnProcessor  # noqa: F401
+from nitrokernels.nn.geglu import FusedGEGLU  # noqa: F401

@@ -1,0 +1,193 @@
+"""NitroAttnProcessor: a diffusers attention processor that runs nitrokernels.ops.attention.
+
+    unet.set_attn_processor(NitroAttnProcessor())        # or attn.set_processor(...) per module
+
+It keeps the semantics of diffusers' AttnProcessor2_0 (0.42) step for step: spatial_norm(temb), 4-D input
+reshape, attention_mask preparation (prepare_attention_mask + view to [B, heads, Lq|1, Lk]), group_norm,
+norm_cross on encoder states, norm_q / norm_k, attention without dropout, to_out[0] then to_out[1]
+(dropout), the 4-D reshape back, residual_connection and rescale_output_factor. The softmax scale is
+`attn.scale`, which is exactly AttnProcessor2_0's SDPA default 1/sqrt(head_dim) whenever diffusers picks
+AttnProcessor2_0 (scale_qk=True), and AttnProcessor's 1.0 when scale_qk=False.
+
+Differences, all invisible in the result:
+  * attention runs through `nitrokernels.ops.attention` (Triton flash attention when the inputs allow it;
+    with a mask, dropout or an unsupported head dim / dtype it falls back to SDPA -- or xformers, when
+    installed and suitable -- and records why: `nitrokernels.ops.attention_fallbacks()`);
+  * self-attention with plain nn.Linear to_q / to_k / to_v of equal shapes, dtypes and bias presence computes
+    Q, K and V with ONE GEMM over the concatenated weights ("fused QKV"):
+      - when autograd needs the weights' gradients (training), or under torch.compile, the weights are
+        concatenated inside the graph on every call (gradients flow back to to_q / to_k / to_v unchanged);
+      - otherwise (inference, frozen weights) the concatenation is cached per Attention module and keyed on
+        every weight's and bias's (data_ptr, _version, dtype, device): an optimiser step, load_state_dict,
+        .to() or any in-place write through the parameter bumps _version or moves the storage and the next
+        call rebuilds the cache, so updated weights are never served stale. Writes through `.data` bypass
+        version counting: call `clear_cache()` after those. A CUDA graph captured while the cache was valid
+        replays the cached copy: re-capture the graph after changing the weights. The cache costs one extra
+        copy of the QKV weights (about 0.5 GB for an SDXL UNet in bf16); pass cache_fused_qkv=False to avoid it.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nitrokernels.ops.attention import attention
+
+_DEPRECATION = ("The `scale` argument is deprecated and will be ignored. Please remove it, as passing it will "
+                "raise an error in the future. `scale` should directly be passed while calling the underlying "
+                "pipeline component i.e., via `cross_attention_kwargs`.")
+
+
+def _plain_linear(m) -> bool:
+    return (type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+            and "forward" not in m.__dict__)
+
+
+def _plain_tensor(p) -> bool:
+    return p is not None and type(p) in (nn.Parameter, torch.Tensor) and p.device.type != "meta"
+
+
+def fused_qkv_supported(attn) -> bool:
+    """True when to_q / to_k / to_v can be computed by one GEMM over concatenated weights."""
+    q, k, v = getattr(attn, "to_q", None), getattr(attn, "to_k", None), getattr(attn, "to_v", None)
+    if not (_plain_linear(q) and _plain_linear(k) and _plain_linear(v)):
+        return False
+    if not (q.weight.shape == k.weight.shape == v.weight.shape):
+        return False
+    if not all(_plain_tensor(p) for p in (q.weight, k.weight, v.weight)):
+        return False
+    if not (q.weight.dtype == k.weight.dtype == v.weight.dtype and q.weight.device == k.weight.device == v.weight.device):
+        return False
+    biases = (q.bias, k.bias, v.bias)
+    if any(b is None for b in biases):
+        return all(b is None for b in biases)
+    return all(_plain_tensor(b) and b.dtype == q.weight.dtype for b in biases)
+
+
+class NitroAttnProcessor:
+    """Drop-in for AttnProcessor2_0 (and AttnProcessor) on diffusers' `Attention`."""
+
+    def __init__(self, fuse_qkv: bool = True, cache_fused_qkv: bool = True):
+        self.fuse_qkv = fuse_qkv
+        self.cache_fused_qkv = cache_fused_qkv
+        self._cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    # ---------------------------------------------------------------------------------------------- support
+    @staticmethod
+    def unsupported_reason(attn) -> str | None:
+        """Why this processor cannot stand in for the module's AttnProcessor2_0 / AttnProcessor, or None."""
+        if getattr(attn, "to_q", None) is None:
+            return "no to_q projection"
+        if getattr(attn, "to_k", None) is None or getattr(attn, "to_v", None) is None:
+            return "only_cross_attention without to_k / to_v (AttnAddedKVProcessor semantics)"
+        if getattr(attn, "added_kv_proj_dim", None) is not None:
+            return "added KV projections (add_k_proj / add_v_proj) are not handled"
+        if getattr(attn, "to_out", None) is None:
+            return "pre_only attention (no to_out)"
+        return None
+
+    def clear_cache(self) -> None:
+        """Drop every cached fused QKV weight (needed only after writes through `.data`)."""
+        self._cache = weakref.WeakKeyDictionary()
+
+    # ------------------------------------------------------------------------------------------- fused QKV
+    def _fused_weights(self, attn):
+        params = [attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]
+        has_bias = attn.to_q.bias is not None
+        if has_bias:
+            params += [attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if needs_grad or not self.cache_fused_qkv or torch.compiler.is_compiling():
+            return self._concat(params, has_bias)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        entry = self._cache.get(attn)
+        if entry is not None and entry[0] == key and not (entry[1].is_inference()
+                                                          and not torch.is_inference_mode_enabled()):
+            return entry[1], entry[2]
+        with torch.no_grad():
+            weight, bias = self._concat(params, has_bias)
+        if not (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._cache[attn] = (key, weight, bias)  # never keep memory that belongs to a graph's pool
+        return weight, bias
+
+    @staticmethod
+    def _concat(params, has_bias):
+        weight = torch.cat(params[:3], dim=0)
+        bias = torch.cat(params[3:], dim=0) if has_bias else None
+        return weight, bias
+
+    # ------------------------------------------------------------------------------------------------ call
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs
+                 ) -> torch.Tensor:
+        if len(args) > 0 or kwargs.get("scale", None) is not None:
+            try:
+                from diffusers.utils import deprecate
+
+                deprecate("scale", "1.0.0", _DEPRECATION)
+            except ImportError:  # pragma: no cover - diffusers is what calls processors
+                pass
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            # (batch, heads, source_length | 1, target_length), as AttnProcessor2_0 passes it to SDPA
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        if encoder_hidden_states is None and self.fuse_qkv and fused_qkv_supported(attn):
+            weight, bias = self._fused_weights(attn)
+            query, key, value = F.linear(hidden_states, weight, bias).chunk(3, dim=-1)
+        else:
+            query = attn.to_q(hidden_states)
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        hidden_states = attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                  scale=attn.scale)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)  # linear proj
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
