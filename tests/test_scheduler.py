@@ -286,3 +286,14 @@ def test_bad_config_values():
         TimestepShiftLCMScheduler(beta_schedule="cosine")
     with pytest.raises(ValueError, match="trained_betas"):
         TimestepShiftLCMScheduler(trained_betas=[0.1, 0.2])
+
+
+def test_zero_terminal_snr():
+    s = TimestepShiftLCMScheduler(rescale_betas_zero_snr=True, shift=1000)
+    assert s.alphas_cumprod[-1] == 0
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        s.set_timesteps(1)  # the model would see t=999 where epsilon cannot give x0
+    v = TimestepShiftLCMScheduler(rescale_betas_zero_snr=True, shift=1000, prediction_type="v_prediction")
+    v.set_timesteps(1)
+    x = torch.randn(1, 4, 4, 4)
+    assert torch.isfinite(v.step(x, 999, x).prev_sample).all()

@@ -20,6 +20,8 @@ Schedule (see ../shared/NITROFUSION.md, "Inference"), with T = num_train_timeste
   c_out = u / sqrt(u^2 + sigma_data^2), evaluated at the shifted timestep. At the shifted timesteps of the table
   (>= 62) c_skip < 1e-6, so denoised is x0 to within 1e-6 relative; it only matters for tiny shifts.
 * The first sample is pure Gaussian noise (init_noise_sigma = 1), as in LCM.
+* Beta schedules as in diffusers (linear, scaled_linear, squaredcos_cap_v2, trained_betas, optional zero-terminal-SNR
+  rescaling), so `from_config(base_pipeline.scheduler.config, shift=...)` keeps the base model's noise schedule.
 
 `.timesteps`: the nitrokernels interface exposes the original LCM timesteps there (`timesteps_mode="lcm"`, the
 default). A stock diffusers pipeline feeds `scheduler.timesteps` straight to the UNet, so a scheduler used inside
@@ -118,6 +120,7 @@ class TimestepShiftLCMScheduler(SchedulerMixin, ConfigMixin):
         prediction_type: str = "epsilon",
         timestep_scaling: float = 10.0,
         timesteps_mode: str = "lcm",
+        rescale_betas_zero_snr: bool = False,
     ):
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}")
@@ -132,6 +135,10 @@ class TimestepShiftLCMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep_scaling must be > 0, got {timestep_scaling!r}")
 
         self.betas = _betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        if rescale_betas_zero_snr:
+            from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+            self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self._alphas_cumprod_list = self.alphas_cumprod.tolist()  # python floats: step() never syncs a device
@@ -184,6 +191,9 @@ class TimestepShiftLCMScheduler(SchedulerMixin, ConfigMixin):
             lcm = lcm_timesteps(int(num_inference_steps), total)
         model = [self.shifted_timestep(t) for t in lcm]
         acp = self._alphas_cumprod_list
+        if self.config.prediction_type == "epsilon" and any(acp[s] <= 0 for s in model):
+            raise ValueError(f"alphas_cumprod is 0 at a model timestep of {model} (zero terminal SNR): epsilon "
+                             "prediction cannot recover x0 there; lower the shift or use v_prediction")
         coefficients = []
         for i, (t, s) in enumerate(zip(lcm, model)):
             c_skip, c_out = self.boundary_condition_scalings(s)
