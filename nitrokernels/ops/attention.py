@@ -147,6 +147,8 @@ def _triton_reasons(q, k, v, *, scale=None, attn_mask=None, dropout_p=0.0, is_ca
     if q.dtype not in _LOW_PRECISION:
         if not (q.dtype == torch.float32 and q.device.type == "cpu"):
             reasons.append(f"dtype {q.dtype}: the Triton kernel runs fp16/bf16 (fp32 only under the interpreter)")
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        reasons.append("bf16 under Triton's CPU interpreter (its tl.dot mishandles bfloat16)")
     if q.shape[2] == 0 or k.shape[2] == 0:
         reasons.append("empty sequence")
     return reasons

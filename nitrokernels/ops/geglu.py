@@ -108,6 +108,8 @@ def _triton_reasons(x, weight, bias=None) -> list[str]:
                        + (f", bias {bias.dtype}" if bias is not None else "") + ")")
     if x.dtype not in _LOW_PRECISION and not (x.dtype == torch.float32 and x.device.type == "cpu"):
         reasons.append(f"dtype {x.dtype}: the Triton kernel runs fp16/bf16 (fp32 only under the interpreter)")
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        reasons.append("bf16 under Triton's CPU interpreter (its tl.dot mishandles bfloat16)")
     if x.numel() == 0 or weight.numel() == 0:
         reasons.append("empty input")
     return reasons
