@@ -27,6 +27,11 @@ _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 
+def _empty(*shape, dtype, device) -> torch.Tensor:
+    """Output allocation (one place, so tests can poison it)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
 def _fwd_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4,
@@ -127,8 +132,8 @@ def geglu_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """x2d [M, K], weight [2N, K], bias [2N] or None -> (out [M, N], proj [M, 2N] if save else empty [0])."""
     m, k = x2d.shape
     n = weight.shape[0] // 2
-    out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
-    pre = torch.empty(m, 2 * n, dtype=x2d.dtype, device=x2d.device) if save else x2d.new_empty(0)
+    out = _empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    pre = _empty(m, 2 * n, dtype=x2d.dtype, device=x2d.device) if save else x2d.new_empty(0)
     if m == 0 or n == 0:
         return out, pre
     s_pm, s_pn = pre.stride() if save else (0, 0)
@@ -142,7 +147,7 @@ def geglu_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def geglu_backward_act(grad_out: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """grad of the projection output [M, 2N] from grad_out [M, N] and the saved projection [M, 2N]."""
     m, n = grad_out.shape
-    dpre = torch.empty(m, 2 * n, dtype=pre.dtype, device=pre.device)
+    dpre = _empty(m, 2 * n, dtype=pre.dtype, device=pre.device)
     if m == 0 or n == 0:
         return dpre
     block_m, block_n = (16, 16) if _INTERPRET else (8, 256)
