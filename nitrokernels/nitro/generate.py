@@ -1,0 +1,189 @@
+"""`nitrokernels generate`: 1-4-step images from NitroSD weights (local paths), or from the embedded digits model.
+
+    nitrokernels generate --model /models/sdxl-base --unet /models/nitrosd-realism_unet.safetensors \\
+        --prompt "a lighthouse at dusk" --steps 1 --seed 0 --out out/
+    nitrokernels generate --prompt 7 --steps 4 --num-images 8 --out out/     # the embedded digits student
+
+Writes one PNG per image (image i uses seed + i) and prints each path on stdout. Errors (missing or corrupt
+weights, prompts the model cannot take) are printed on stderr with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+# Kept light at import time: the CLI imports this module to build its parser.
+
+DIGIT_PROMPTS = tuple(str(d) for d in range(10)) + ("",)
+EXIT_USAGE = 2
+
+
+class GenerateError(Exception):
+    """A user-facing problem (bad prompt, missing file, ...): printed without a traceback."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True,
+                        help="text prompt; with the embedded digits model (no --model): a digit 0-9, or \"\" for the "
+                             "empty prompt")
+    parser.add_argument("--steps", type=int, default=1, choices=range(1, 5), metavar="{1,2,3,4}",
+                        help="sampling steps, 1-4, all from the same weights (default 1)")
+    parser.add_argument("--shift", type=float, default=None,
+                        help="timestep shift of the LCM scheduler: the UNet sees floor(t*shift/1000). Default 250 "
+                             "(NitroSD-Realism; use 500 for NitroSD-Vibrant); the digits student's own shift "
+                             "without --model")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the first image (image i: seed + i)")
+    parser.add_argument("--out", default="out", help="folder for the PNGs (created if missing; default ./out)")
+    parser.add_argument("--model", default=None,
+                        help="base model: a local diffusers pipeline folder (e.g. an SDXL base snapshot). Without "
+                             "it the embedded digits student is used")
+    parser.add_argument("--unet", default=None,
+                        help="UNet weights: a NitroSD-style UNet safetensors file (with --model), or a digits "
+                             "student checkpoint written by `nitrokernels demo` (without --model)")
+    parser.add_argument("--num-images", type=int, default=1, help="how many images (default 1)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="weights / compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay CUDA graphs of the UNet and VAE decode (CUDA only)")
+    parser.add_argument("--no-patch", action="store_true", help="run diffusers' own blocks (no fused kernels)")
+
+
+def digit_label(prompt: str) -> int:
+    """The digits model's label for a prompt: "0".."9" -> 0..9, "" -> 10 (empty prompt); anything else refused."""
+    from nitrokernels.nitro.digits import EMPTY_LABEL
+
+    text = prompt.strip()
+    if text not in DIGIT_PROMPTS:
+        raise GenerateError(f"the embedded digits model only understands the prompts 0-9 (one digit) and \"\" (the "
+                            f"empty prompt), got {prompt!r}; pass --model PATH for a text-to-image model")
+    return EMPTY_LABEL if text == "" else int(text)
+
+
+def _slug(prompt: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].rstrip("-")
+    return slug or "empty"
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="generating", unit="image", file=sys.stderr, disable=total < 2)
+
+
+def _image_path(args, seed: int) -> str:
+    return os.path.join(args.out, f"{_slug(args.prompt)}-{args.steps}step-seed{seed}.png")
+
+
+def _run_digits(args, device, dtype) -> list:
+    import torch
+
+    from nitrokernels.nitro import digits
+    from nitrokernels.nitro.sampling import sample
+    from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
+
+    label = digit_label(args.prompt)
+    if args.cuda_graph:
+        raise GenerateError("--cuda-graph applies to --model pipelines; the digits model runs eager")
+    if args.unet is not None and not os.path.isfile(args.unet):
+        raise GenerateError(f"digits student checkpoint {args.unet} does not exist")
+    try:
+        unet, encoder, metadata = digits.load_pretrained_student(device=device, dtype=dtype, path=args.unet)
+    except FileNotFoundError as err:
+        raise GenerateError(f"no digits student checkpoint: {err}") from err
+    except Exception as err:  # a corrupt or foreign file
+        raise GenerateError(f"could not load the digits student from {args.unet or digits.asset_path(digits.STUDENT_ASSET)}: "
+                            f"{type(err).__name__}: {err}") from err
+    if not args.no_patch:
+        from nitrokernels.patch import patch_unet
+
+        patch_unet(unet)
+    shift = args.shift if args.shift is not None else metadata.get("shift", 250)
+    scheduler = TimestepShiftLCMScheduler(**digits.NOISE_SCHEDULE, shift=shift)
+    hidden = encoder(torch.tensor([label], device=device))
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    paths = []
+    with torch.no_grad(), _progress(args.num_images) as bar:
+        for i in range(args.num_images):
+            seed = args.seed + i
+            generator = torch.Generator().manual_seed(seed)
+            noise = torch.randn((1, channels, size, size), generator=generator).to(device=device, dtype=dtype)
+            image = sample(lambda x, t: unet(x, t, encoder_hidden_states=hidden).sample, scheduler, noise,
+                           args.steps, generator)
+            paths.append(digits.save_grid_png(_image_path(args, seed), image.float(), nrow=1, scale=8))
+            print(paths[-1], flush=True)
+            bar.update()
+    return paths
+
+
+def _run_pipeline(args, device, dtype) -> list:
+    import torch
+
+    from nitrokernels.nitro.pipeline import UNetWeightsError, load_pipeline
+
+    try:
+        pipe = load_pipeline(args.model, args.unet, shift=args.shift if args.shift is not None else 250,
+                             device=device, dtype=dtype, patch=not args.no_patch, cuda_graph=args.cuda_graph)
+    except (FileNotFoundError, UNetWeightsError) as err:
+        raise GenerateError(str(err)) from err
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is not None:
+        count = len(tokenizer(args.prompt).input_ids)
+        if count > tokenizer.model_max_length:
+            raise GenerateError(f"the prompt is {count} tokens (with start/end) but the text encoder takes at most "
+                                f"{tokenizer.model_max_length}; shorten it")
+    paths = []
+    with _progress(args.num_images) as bar:
+        for i in range(args.num_images):
+            seed = args.seed + i
+            image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=0.0,
+                         generator=torch.Generator().manual_seed(seed)).images[0]
+            path = _image_path(args, seed)
+            image.save(path)
+            paths.append(path)
+            print(path, flush=True)
+            bar.update()
+    return paths
+
+
+def run(args) -> int:
+    """Generate `args.num_images` images; returns the exit status (0, or 2 with a message on stderr)."""
+    try:
+        if args.num_images < 1:
+            raise GenerateError(f"--num-images must be at least 1, got {args.num_images}")
+        if not 1 <= args.steps <= 4:
+            raise GenerateError(f"--steps must be 1, 2, 3 or 4, got {args.steps}")
+        from nitrokernels.nitro.pipeline import resolve_device, resolve_dtype
+        from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
+
+        if args.shift is not None:
+            TimestepShiftLCMScheduler(shift=args.shift)  # refuses a shift outside (0, 1000] before loading
+
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        if args.cuda_graph and device.type != "cuda":
+            raise GenerateError(f"--cuda-graph needs a CUDA device (device is {device})")
+        if args.model is None:
+            digit_label(args.prompt)  # refuse a bad prompt before loading anything
+        os.makedirs(args.out, exist_ok=True)
+        if args.model is None:
+            _run_digits(args, device, dtype)
+        else:
+            _run_pipeline(args, device, dtype)
+    except (GenerateError, FileNotFoundError, ValueError) as err:  # ValueError: bad shift / dtype / weights file
+        print(f"nitrokernels generate: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="nitrokernels generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

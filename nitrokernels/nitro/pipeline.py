@@ -1,0 +1,433 @@
+"""NitroSD inference: a diffusers pipeline from local files, with the shifted LCM scheduler, nitrokernels' fused
+UNet / VAE blocks and (optionally) CUDA-graph replay of the UNet and the VAE decoder.
+
+    pipe = load_pipeline("/models/sdxl-base", unet_weights="/models/nitrosd-realism_unet.safetensors", shift=250)
+    image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=0.0).images[0]   # 1..4 steps
+
+* `base_model` is a diffusers pipeline folder (`model_index.json`, e.g. a local snapshot of
+  stabilityai/stable-diffusion-xl-base-1.0, or any Stable Diffusion-style pipeline with a UNet2DConditionModel);
+  nothing is downloaded (`local_files_only=True`).
+* `unet_weights` is a NitroSD-style UNet checkpoint: one safetensors file holding the diffusers state dict of the
+  base model's UNet (nitrosd-realism_unet.safetensors / nitrosd-vibrant_unet.safetensors). Its keys and shapes
+  are checked against the UNet config of `base_model` before anything is loaded; the UNet is built on the meta
+  device and takes the file's tensors directly (the base UNet weights are never read).
+* The scheduler is TimestepShiftLCMScheduler built from the base model's scheduler config (its beta schedule and
+  prediction type) with `shift` (250 NitroSD-Realism, 500 NitroSD-Vibrant) and timesteps_mode="model" (a diffusers
+  pipeline feeds `scheduler.timesteps` to the UNet). NitroFusion uses no classifier-free guidance: call the
+  pipeline with guidance_scale=0 (diffusers' SDXL default of 5 would run the UNet twice per step).
+* One set of weights serves 1, 2, 3 or 4 steps: `num_inference_steps` is a call argument, nothing is reloaded.
+* `cuda_graph=True` replays CUDA graphs (nitrokernels.graphed) of the UNet forward and the VAE decode: one capture
+  per input signature (batch, resolution, dtype), shared by every step of every step count (the timestep is a
+  graph input). Calls with extras the graphs do not cover (ControlNet residuals, attention masks, ...) run eager.
+
+`make_random_sdxl_pipeline` builds random-weight SDXL-shaped pipelines ("tiny" for tests, "sdxl" for benchmarks)
+with a small local CLIP vocabulary, so nothing here needs a download.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
+
+__all__ = ["UNetWeightsError", "load_pipeline", "prepare_pipeline", "load_unet_weights", "make_random_sdxl_pipeline"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_FIRST = 5  # how many offending keys an error message names
+
+
+class UNetWeightsError(ValueError):
+    """A UNet safetensors file is unreadable or does not fit the base model's UNet (names the file and keys)."""
+
+
+def resolve_device(device=None) -> torch.device:
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """None -> bfloat16 on CUDA, float32 elsewhere; strings like "bf16" / "float16" are accepted."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype.lower().replace("torch.", "") not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype.lower().replace("torch.", "")]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return dtype
+
+
+def _dtype_keyword() -> str:
+    """diffusers renamed from_pretrained's torch_dtype to dtype (the old name warns)."""
+    try:
+        from diffusers.utils.deprecation_utils import _TORCH_DTYPE_DEPRECATION_MESSAGE  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
+def _first(items: Sequence, n: int = _FIRST) -> str:
+    shown = ", ".join(str(x) for x in list(items)[:n])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+# --------------------------------------------------------------------------------------------- UNet file
+def _read_safetensors_header(path: str) -> Dict[str, tuple]:
+    """{key: shape} of a safetensors file, without reading the tensors; UNetWeightsError if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as err:  # safetensors raises SafetensorError / OSError / ValueError for broken files
+        raise UNetWeightsError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err}). Expected "
+                               "a NitroSD-style UNet checkpoint (the diffusers UNet state dict in safetensors "
+                               "format); the file may be truncated or corrupt.") from err
+
+
+def check_unet_weights(path: str, unet: nn.Module) -> None:
+    """Raise UNetWeightsError naming `path` and the first offending keys unless the file's keys and shapes
+    are exactly those of `unet.state_dict()` (works on a meta-device UNet)."""
+    found = _read_safetensors_header(path)
+    expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k} (file {list(found[k])}, model {list(expected[k])})"
+             for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_first(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es): {_first(wrong)}")
+    if problems:
+        raise UNetWeightsError(f"{path} does not fit the {type(unet).__name__} of the base model "
+                               f"({len(expected)} tensors expected, {len(found)} in the file): " + "; ".join(problems))
+
+
+def load_unet_weights(path: Union[str, os.PathLike], unet_config_dir: Union[str, os.PathLike],
+                      unet_class=None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Build the UNet described by `unet_config_dir/config.json` and fill it from the safetensors file `path`.
+
+    The UNet is created on the meta device (no random init, no base weights read) and takes the file's tensors
+    (cast to `dtype` when given). Errors name the file and the first bad keys.
+    """
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"UNet weights file {path} does not exist" if not os.path.exists(path)
+                                else f"UNet weights path {path} is not a file")
+    if unet_class is None:
+        from diffusers import UNet2DConditionModel as unet_class
+    config = unet_class.load_config(os.fspath(unet_config_dir))
+    with torch.device("meta"):
+        unet = unet_class.from_config(config)
+    check_unet_weights(path, unet)
+    try:
+        state = load_file(path, device="cpu")
+    except Exception as err:
+        raise UNetWeightsError(f"{path}: reading the tensors failed ({type(err).__name__}: {err})") from err
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    unet.load_state_dict(state, strict=True, assign=True)
+    still_meta = [name for name, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]
+    if still_meta:  # a tensor outside the state dict (a non-persistent buffer): build it for real instead
+        real = unet_class.from_config(config)
+        real.load_state_dict(state, strict=True)
+        unet = real.to(dtype) if dtype is not None else real
+    return unet.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------ CUDA graphs
+class _UNetCall(nn.Module):
+    """What the UNet graph captures: the UNet's forward with the pipeline's tensor arguments, -> the output."""
+
+    def __init__(self, unet: nn.Module, forward):
+        super().__init__()
+        self.unet = unet
+        self._forward = forward
+
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond):
+        return self._forward(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                             timestep_cond=timestep_cond, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+
+
+class _DecodeCall(nn.Module):
+    """What the VAE graph captures: vae.decode(z) -> image tensor."""
+
+    def __init__(self, vae: nn.Module, decode):
+        super().__init__()
+        self.vae = vae
+        self._decode = decode
+
+    def forward(self, z):
+        return self._decode(z, return_dict=False)[0]
+
+
+class GraphedPipelineParts:
+    """CUDA-graph replay installed on a pipeline's UNet (forward) and VAE (decode); `.remove()` undoes it.
+
+    `.unet` / `.vae` are the GraphedModules (`.captures` counts captures, `.num_graphs` the graphs kept);
+    `.eager_calls` counts UNet / VAE calls that fell back to eager because of arguments the graphs do not cover.
+    """
+
+    def __init__(self, pipe, graphed_fn=None):
+        if graphed_fn is None:
+            from nitrokernels.graph import graphed as graphed_fn
+        self._pipe = pipe
+        self.eager_calls = {"unet": 0, "vae": 0}
+        unet, vae = pipe.unet, pipe.vae
+        # (module, attribute, value in the instance __dict__ before us or None): what remove() restores
+        self._saved = [(unet, "forward", unet.__dict__.get("forward")), (vae, "decode", vae.__dict__.get("decode"))]
+        self._unet_forward = unet.forward
+        self._vae_decode = vae.decode
+        self.unet = graphed_fn(_UNetCall(unet, self._unet_forward))
+        self.vae = graphed_fn(_DecodeCall(vae, self._vae_decode))
+        unet.forward = self._graphed_unet_forward
+        vae.decode = self._graphed_decode
+
+    def _graphed_unet_forward(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
+                              attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None,
+                              down_block_additional_residuals=None, mid_block_additional_residual=None,
+                              down_intrablock_additional_residuals=None, encoder_attention_mask=None,
+                              return_dict: bool = True):
+        extras = (class_labels, attention_mask, cross_attention_kwargs, down_block_additional_residuals,
+                  mid_block_additional_residual, down_intrablock_additional_residuals, encoder_attention_mask)
+        if any(x is not None for x in extras) or torch.is_grad_enabled():
+            self.eager_calls["unet"] += 1
+            return self._unet_forward(sample, timestep, encoder_hidden_states, class_labels=class_labels,
+                                      timestep_cond=timestep_cond, attention_mask=attention_mask,
+                                      cross_attention_kwargs=cross_attention_kwargs,
+                                      added_cond_kwargs=added_cond_kwargs,
+                                      down_block_additional_residuals=down_block_additional_residuals,
+                                      mid_block_additional_residual=mid_block_additional_residual,
+                                      down_intrablock_additional_residuals=down_intrablock_additional_residuals,
+                                      encoder_attention_mask=encoder_attention_mask, return_dict=return_dict)
+        # The timestep changes every step: make it a [B] tensor on the device so it is a graph input.
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.reshape(-1).expand(sample.shape[0]).contiguous()
+        out = self.unet(sample, t, encoder_hidden_states, added_cond_kwargs, timestep_cond)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out)
+
+    def _graphed_decode(self, z, return_dict: bool = True, generator=None):
+        # AutoencoderKL.decode takes `generator` (SD pipelines pass it) but does not use it.
+        if torch.is_grad_enabled():
+            self.eager_calls["vae"] += 1
+            return self._vae_decode(z, return_dict=return_dict)
+        image = self.vae(z)
+        if not return_dict:
+            return (image,)
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=image)
+
+    def remove(self):
+        """Put the eager UNet forward and VAE decode back (the graphs are dropped with this object)."""
+        for module, name, before in self._saved:
+            if before is None:
+                module.__dict__.pop(name, None)
+            else:
+                setattr(module, name, before)
+
+
+# ------------------------------------------------------------------------------------------- pipelines
+def prepare_pipeline(pipe, *, shift: Union[int, float] = 250, patch: bool = True, cuda_graph: bool = False):
+    """Turn a loaded diffusers pipeline into a NitroSD one, in place, and return it.
+
+    Sets the TimestepShiftLCMScheduler (from the pipeline's scheduler config, `shift`, timesteps_mode="model");
+    with `patch`, installs nitrokernels.patch_unet / patch_vae (handles in `pipe.nitro_patches`); with
+    `cuda_graph`, replays CUDA graphs of the UNet and the VAE decode (`pipe.nitro_graphs`, a
+    GraphedPipelineParts).
+    """
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
+        raise ValueError(f"{type(pipe).__name__} has no UNet or no VAE; NitroSD needs a UNet2DCondition pipeline "
+                         "(Stable Diffusion / SDXL)")
+    pipe.scheduler = TimestepShiftLCMScheduler.from_config(pipe.scheduler.config, shift=shift, timesteps_mode="model")
+    pipe.nitro_patches = []
+    if patch:
+        from nitrokernels.patch import patch_unet, patch_vae
+
+        pipe.nitro_patches = [patch_unet(pipe.unet), patch_vae(pipe.vae)]
+    pipe.nitro_graphs = None
+    if cuda_graph:
+        device = pipe.unet.device
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the pipeline on a CUDA device, it is on {device}")
+        pipe.nitro_graphs = GraphedPipelineParts(pipe)
+    return pipe
+
+
+def load_pipeline(base_model: Union[str, os.PathLike], unet_weights: Union[str, os.PathLike, None] = None, *,
+                  shift: Union[int, float] = 250, device=None, dtype=None, patch: bool = True,
+                  cuda_graph: bool = False, variant: Optional[str] = None):
+    """A NitroSD diffusers pipeline from local files (see the module docstring).
+
+    base_model: diffusers pipeline folder (SDXL or any UNet2DCondition pipeline). unet_weights: optional
+    NitroSD-style UNet safetensors file. shift: the scheduler's timestep shift. device: default CUDA if
+    available. dtype: default bfloat16 on CUDA, float32 on CPU. patch: fused UNet + VAE blocks. cuda_graph:
+    CUDA-graph replay of the UNet and VAE decode (CUDA only). variant: the base model's weight variant
+    (e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors).
+
+    Call the result with guidance_scale=0 and num_inference_steps in 1..4.
+    """
+    from diffusers import DiffusionPipeline
+
+    base_model = os.fspath(base_model)
+    if not os.path.isdir(base_model):
+        raise FileNotFoundError(f"base model folder {base_model} does not exist" if not os.path.exists(base_model)
+                                else f"base model path {base_model} is not a folder (expected a diffusers pipeline "
+                                     "folder with model_index.json)")
+    index_path = os.path.join(base_model, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise FileNotFoundError(f"{base_model} has no model_index.json: expected a diffusers pipeline folder "
+                                "(pipeline.save_pretrained(...) or a local snapshot of e.g. "
+                                "stabilityai/stable-diffusion-xl-base-1.0)")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device, got device={device}")
+    TimestepShiftLCMScheduler(shift=shift)  # validate the shift before loading gigabytes
+
+    with open(index_path) as f:
+        index = json.load(f)
+    components: Dict[str, Any] = {}
+    if unet_weights is not None:
+        library, class_name = (index.get("unet") or [None, None])[:2]
+        if class_name is None:
+            raise ValueError(f"{index_path} lists no unet component; unet_weights needs a UNet pipeline")
+        if library != "diffusers":
+            raise ValueError(f"{index_path}: the unet is {library}.{class_name}; only diffusers UNets are supported")
+        import diffusers
+
+        unet_dir = os.path.join(base_model, "unet")
+        if not os.path.isfile(os.path.join(unet_dir, "config.json")):
+            raise FileNotFoundError(f"{unet_dir}/config.json is missing: the UNet config of the base model is "
+                                    "needed to load unet_weights")
+        components["unet"] = load_unet_weights(unet_weights, unet_dir, getattr(diffusers, class_name), dtype)
+    pipe = DiffusionPipeline.from_pretrained(base_model, local_files_only=True, variant=variant,
+                                             **{_dtype_keyword(): dtype}, **components)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return prepare_pipeline(pipe, shift=shift, patch=patch, cuda_graph=cuda_graph)
+
+
+# --------------------------------------------------------------------------------- random-weight pipelines
+def _bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2 / CLIP byte-level alphabet: each of the 256 bytes -> a printable unicode character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _byte_level_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """A CLIPTokenizer over single byte-level characters (no merges): it tokenizes any text offline.
+    2 + 2 * 256 tokens (<|startoftext|>, <|endoftext|>, then c and c</w> for each byte character)."""
+    import inspect
+
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    for c in chars:
+        vocab.setdefault(c + "</w>", len(vocab))
+    kwargs = dict(model_max_length=model_max_length, pad_token=pad_token)
+    if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers >= 5: in-memory vocab
+        return CLIPTokenizer(vocab=vocab, merges=[], **kwargs)
+    with tempfile.TemporaryDirectory() as tmp:  # transformers 4: files (read once, at construction)
+        with open(os.path.join(tmp, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(tmp, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        return CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"), **kwargs)
+
+
+# (hidden, layers, heads, intermediate, activation) of SDXL's two text encoders: CLIP ViT-L and OpenCLIP ViT-bigG.
+_SDXL_TEXT = ((768, 12, 12, 3072, "quick_gelu"), (1280, 32, 20, 5120, "gelu"))
+
+
+def make_random_sdxl_pipeline(size: str = "tiny", *, device=None, dtype=torch.float32, seed: int = 0,
+                              text_layers: Optional[int] = None):
+    """A StableDiffusionXLPipeline with random weights and a local byte-level tokenizer (no download).
+
+    size="sdxl": the SDXL UNet (2.6 B parameters, 1024² images / 128² latents), SDXL's VAE and text encoders
+    shaped like CLIP ViT-L + bigG (`text_layers` caps their depth; None = full depth). size="tiny": an SDXL-shaped
+    toy (two text encoders, text_time conditioning, 64² images) for CPU tests. The scheduler is SDXL's
+    EulerDiscreteScheduler config, as in the real base model. Modules are created directly on `device`.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if size not in ("tiny", "sdxl"):
+        raise ValueError(f"size must be 'tiny' or 'sdxl', got {size!r}")
+    device = resolve_device(device)
+    tokenizer = _byte_level_clip_tokenizer()
+    tokenizer_2 = _byte_level_clip_tokenizer(pad_token="!")
+    if size == "sdxl":
+        text = _SDXL_TEXT
+        projection_dim, vocab_size = 1280, 49408
+        unet_kwargs = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                           transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                           addition_time_embed_dim=256, norm_num_groups=32)
+        vae_kwargs = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                          sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+    else:
+        text = ((32, 2, 4, 37, "quick_gelu"), (32, 2, 4, 37, "gelu"))
+        projection_dim, vocab_size = 32, len(tokenizer)
+        unet_kwargs = dict(sample_size=32, block_out_channels=(32, 64), layers_per_block=1,
+                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                           up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                           transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4),
+                           addition_time_embed_dim=8, norm_num_groups=8)
+        vae_kwargs = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64,
+                          scaling_factor=0.13025)
+    encoders = []
+    for hidden, layers, heads, intermediate, act in text:
+        encoders.append(CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=text_layers or layers,
+            num_attention_heads=heads, intermediate_size=intermediate, hidden_act=act, projection_dim=projection_dim,
+            max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    cross_attention_dim = text[0][0] + text[1][0]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            in_channels=4, out_channels=4, cross_attention_dim=cross_attention_dim, use_linear_projection=True,
+            addition_embed_type="text_time",
+            projection_class_embeddings_input_dim=6 * unet_kwargs["addition_time_embed_dim"] + projection_dim,
+            **unet_kwargs)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * len(vae_kwargs["block_out_channels"]),
+                            up_block_types=("UpDecoderBlock2D",) * len(vae_kwargs["block_out_channels"]),
+                            **vae_kwargs)
+        text_encoder = CLIPTextModel(encoders[0])
+        text_encoder_2 = CLIPTextModelWithProjection(encoders[1])
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules even when there are none
+        nn.Module.to(module, dtype=dtype).eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
