@@ -308,6 +308,19 @@ def test_fused_qkv_is_used_and_cache_tracks_weight_updates(device, monkeypatch):
         torch.testing.assert_close(module(hidden), reference(module, hidden), rtol=2e-5, atol=2e-5)
 
 
+def test_deepcopy_does_not_share_the_cache(device):
+    module = _attention_module(bias=True).to(device)
+    module.set_processor(NitroAttnProcessor())
+    hidden = random_tensor((1, 7, 32), device=device)
+    with torch.no_grad():
+        module(hidden)
+        clone = copy.deepcopy(module)
+        assert len(module.processor._cache) == 1 and len(clone.processor._cache) == 0
+        clone.to_q.weight.add_(1.0)
+        torch.testing.assert_close(clone(hidden), AttnProcessor2_0()(clone, hidden), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(module(hidden), AttnProcessor2_0()(module, hidden), rtol=2e-5, atol=2e-5)
+
+
 def test_frozen_weights_use_cache_and_still_give_input_grads(device):
     module = _attention_module(bias=True).to(device).requires_grad_(False)
     module.set_processor(NitroAttnProcessor())

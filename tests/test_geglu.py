@@ -126,6 +126,24 @@ def test_dispatch_reasons(device):
     assert GEGLU.select(x, w, b).backend == "triton"
 
 
+def test_autocast_casts_like_linear(device, monkeypatch):
+    calls = []
+    real = geglu_kernels.geglu_forward
+    monkeypatch.setattr(geglu_kernels, "geglu_forward", lambda x, w, b, save: calls.append(x.dtype) or real(x, w, b, save))
+    x, w, b = _inputs((2, 5), 32, 16, torch.float32, device)
+    dtype = torch.float16
+    with torch.autocast(device.type, dtype=dtype):
+        out = geglu(x, w, b)
+        with use_backend("eager", "geglu"):
+            ref = geglu(x, w, b)
+        diffusers_like = geglu_reference(x, w, b)
+    assert out.dtype == ref.dtype == diffusers_like.dtype == dtype
+    assert calls == [dtype]  # the Triton kernel ran, in the autocast dtype
+    torch.testing.assert_close(out, diffusers_like, rtol=2e-3, atol=2e-3)
+    gx, gw = torch.autograd.grad(out.float().sum(), (x, w))
+    assert gx.dtype == torch.float32 and gw.dtype == torch.float32
+
+
 def test_input_errors(device):
     x, w, b = _inputs((5,), 16, 16, torch.float32, device)
     with pytest.raises(ValueError, match="even number"):

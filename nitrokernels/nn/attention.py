@@ -88,6 +88,18 @@ class NitroAttnProcessor:
             return "pre_only attention (no to_out)"
         return None
 
+    def __getstate__(self):  # deepcopy / pickle: the cache is per-process derived data, never copied
+        state = dict(self.__dict__)
+        state.pop("_cache", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._cache = weakref.WeakKeyDictionary()
+
+    def __repr__(self) -> str:
+        return f"NitroAttnProcessor(fuse_qkv={self.fuse_qkv}, cache_fused_qkv={self.cache_fused_qkv})"
+
     def clear_cache(self) -> None:
         """Drop every cached fused QKV weight (needed only after writes through `.data`)."""
         self._cache = weakref.WeakKeyDictionary()

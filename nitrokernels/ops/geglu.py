@@ -6,10 +6,10 @@ Backends:
   * "triton": `torch.ops.nitrokernels.geglu_fwd` -- one GEMM with the gate*GELU epilogue, writing only
     [M, N]; when a gradient is needed it also writes the pre-activation (stored, not recomputed), and the
     backward is `torch.ops.nitrokernels.geglu_bwd_act` (fused activation gradient) + three cuBLAS GEMMs.
-    Refuses, with the reason: dtype mismatch between x / weight / bias (e.g. autocast with fp32 weights),
-    fp32 on a GPU (the kernel is for fp16/bf16 tensor cores; fp32 only under TRITON_INTERPRET=1).
+    Refuses, with the reason: dtype mismatch between x / weight / bias, fp32 on a GPU (the kernel is for fp16/bf16 tensor cores; fp32 only under TRITON_INTERPRET=1).
   * "eager": F.linear + chunk + F.gelu + multiply (what diffusers runs).
-Under torch.compile the backend is chosen at trace time (see ops/attention.py); the custom ops are opaque
+Under autocast, x / weight / bias are cast to the autocast dtype first (as autocast does for F.linear), so
+fp32 master weights still run the fused kernel. Under torch.compile the backend is chosen at trace time (see ops/attention.py); the custom ops are opaque
 nodes with fake implementations, so there is no graph break.
 """
 from __future__ import annotations
@@ -160,6 +160,18 @@ def _example(device):
 def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """hidden * gelu(gate) with hidden, gate = (x @ weight^T + bias).chunk(2, -1) (exact erf GELU)."""
     _validate(x, weight, bias)
+    device_type = x.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        # what autocast does for F.linear (a lower-precision op): cast x, weight and bias, then run without it
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return _geglu_dispatch(x, weight, bias)
+    return _geglu_dispatch(x, weight, bias)
+
+
+def _geglu_dispatch(x, weight, bias):
     if torch.compiler.is_compiling():
         return GEGLU.impls[_select_traced(x, weight, bias)].fn(x, weight, bias)
     return GEGLU(x, weight, bias)
