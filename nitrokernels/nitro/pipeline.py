@@ -25,6 +25,7 @@ with a small local CLIP vocabulary, so nothing here needs a download.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -254,7 +255,11 @@ def prepare_pipeline(pipe, *, shift: Union[int, float] = 250, patch: bool = True
     if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
         raise ValueError(f"{type(pipe).__name__} has no UNet or no VAE; NitroSD needs a UNet2DCondition pipeline "
                          "(Stable Diffusion / SDXL)")
-    pipe.scheduler = TimestepShiftLCMScheduler.from_config(pipe.scheduler.config, shift=shift, timesteps_mode="model")
+    # Keep the base model's noise schedule; drop the other scheduler's own settings (diffusers warns about them
+    # when the config comes from a live scheduler rather than a file).
+    accepted = inspect.signature(TimestepShiftLCMScheduler.__init__).parameters
+    config = {k: v for k, v in pipe.scheduler.config.items() if k in accepted}
+    pipe.scheduler = TimestepShiftLCMScheduler.from_config(config, shift=shift, timesteps_mode="model")
     pipe.nitro_patches = []
     if patch:
         from nitrokernels.patch import patch_unet, patch_vae
@@ -340,8 +345,6 @@ def _bytes_to_unicode() -> Dict[int, str]:
 def _byte_level_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
     """A CLIPTokenizer over single byte-level characters (no merges): it tokenizes any text offline.
     2 + 2 * 256 tokens (<|startoftext|>, <|endoftext|>, then c and c</w> for each byte character)."""
-    import inspect
-
     from transformers import CLIPTokenizer
 
     chars = list(_bytes_to_unicode().values())
