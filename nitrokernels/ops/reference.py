@@ -12,6 +12,61 @@ import torch.nn.functional as F
 
 # ===================================================================== discriminator heads (heads.py)
 
+def _final_logits(z: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """[N, 1, S', S'] final-conv output -> [N] (global, k > 1: S' == 1) or [N, S', S'] (local, k == 1)."""
+    return z[:, 0] if kernel_size == 1 else z.reshape(z.shape[0])
+
+
+def head_stack_loop_reference(feature, conv_weights, conv_biases, norm_weights, norm_biases, final_weight,
+                              final_bias, ids, num_groups=32, eps=1e-5):
+    """The definition of `ops.head_stack`: a plain Python loop over the sampled heads.
+
+    Head `ids[i]` is [Conv4x4 s2 p1 -> GroupNorm(num_groups) -> SiLU] * len(conv_weights), then a k x k conv
+    (k = 4: valid conv on the 4x4 map -> one logit per sample; k = 1: a logit per location) with the pooled
+    parameters' row ids[i]. Returns [h, B] (global) or [h, B, S', S'] (local). Differentiable like any torch code.
+    """
+    outs = []
+    for i in ids.tolist():
+        x = feature
+        for w, b, g, beta in zip(conv_weights, conv_biases, norm_weights, norm_biases):
+            x = F.conv2d(x, w[i], b[i], stride=2, padding=1)
+            x = F.group_norm(x, num_groups, g[i], beta[i], eps)
+            x = F.silu(x)
+        z = F.conv2d(x, final_weight[i], final_bias[i])
+        outs.append(_final_logits(z, final_weight.shape[-1]))
+    if not outs:
+        return feature.new_zeros((0, feature.shape[0]))
+    return torch.stack(outs)
+
+
+def head_stack_batched_eager(feature, conv_weights, conv_biases, norm_weights, norm_biases, final_weight,
+                             final_bias, ids, num_groups=32, eps=1e-5, *, return_intermediates=False):
+    """The same computation as `head_stack_loop_reference`, batched the way a careful eager user would.
+
+    First layers of all sampled heads as ONE conv over the shared feature with the gathered weights
+    concatenated ([h*O, C, 4, 4]); deeper layers as grouped convs (groups = h); GroupNorm over h*num_groups
+    groups; the final conv grouped too. Differentiable (dense gradients; the "batched eager" baseline).
+    With `return_intermediates=True` also returns the list of pre-norm conv outputs ([B, h*O_d, S_d, S_d]).
+    """
+    h = ids.numel()
+    batch = feature.shape[0]
+    x = feature
+    pre_norm = []
+    for d, (w, b, g, beta) in enumerate(zip(conv_weights, conv_biases, norm_weights, norm_biases)):
+        wg = w.index_select(0, ids)                                   # [h, O, I, 4, 4]
+        x = F.conv2d(x, wg.reshape(-1, *wg.shape[2:]), b.index_select(0, ids).reshape(-1),
+                     stride=2, padding=1, groups=1 if d == 0 else h)  # [B, h*O, S/2, S/2]
+        pre_norm.append(x)
+        x = F.group_norm(x, h * num_groups, g.index_select(0, ids).reshape(-1),
+                         beta.index_select(0, ids).reshape(-1), eps)
+        x = F.silu(x)
+    wf = final_weight.index_select(0, ids)                            # [h, 1, I, k, k]
+    z = F.conv2d(x, wf.reshape(-1, *wf.shape[2:]), final_bias.index_select(0, ids).reshape(-1), groups=h)
+    z = z.transpose(0, 1)                                             # [h, B, S', S']
+    out = z.reshape(h, batch) if final_weight.shape[-1] != 1 else z
+    return (out, pre_norm) if return_intermediates else out
+
+
 # ===================================================================== attention / GEGLU / LayerNorm (attention.py, geglu.py)
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                         attn_mask: torch.Tensor | None = None) -> torch.Tensor:
