@@ -9,6 +9,18 @@ import torch
 import torch.nn.functional as F
 
 # ===================================================================== group norm family (group_norm.py)
+def group_norm_silu_reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                              bias: torch.Tensor | None = None, eps: float = 1e-5, temb: torch.Tensor | None = None,
+                              act: str | None = "silu") -> torch.Tensor:
+    """act(GroupNorm(x + temb[:, :, None, ...])): diffusers ResnetBlock2D's `h + temb` -> norm2 -> SiLU.
+
+    temb is [N, C] (broadcast over the spatial dims); act is "silu" or None.
+    """
+    if temb is not None:
+        x = x + temb.reshape(temb.shape[0], temb.shape[1], *([1] * (x.dim() - 2)))
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(y) if act is not None else y
+
 
 # ===================================================================== discriminator heads (heads.py)
 

@@ -1,0 +1,59 @@
+"""GroupNormSiLU: nn.GroupNorm (same constructor, same parameters and state-dict keys) followed by SiLU, fused.
+
+    norm = GroupNormSiLU(32, 320, eps=1e-6)          # == nn.Sequential(nn.GroupNorm(32, 320, eps=1e-6), nn.SiLU())
+    norm.load_state_dict(group_norm.state_dict())   # weights load across in both directions
+    y = norm(x, temb)                               # optional temb [N, C] added before normalising
+    GroupNormSiLU.from_group_norm(gn)               # shares gn's Parameters (for patching a loaded model)
+
+`act=None` gives a plain GroupNorm (with the optional temb add) on the same kernels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nitrokernels.ops.group_norm import group_norm_silu
+
+__all__ = ["GroupNormSiLU"]
+
+
+class GroupNormSiLU(nn.Module):
+    """act(GroupNorm(x + temb)) with torch.nn.GroupNorm's signature plus `act` ("silu" or None)."""
+
+    __constants__ = ["num_groups", "num_channels", "eps", "affine", "act"]
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 act: str | None = "silu", device=None, dtype=None):
+        super().__init__()
+        if num_channels % num_groups != 0:
+            raise ValueError(f"GroupNormSiLU: num_channels={num_channels} is not divisible by num_groups={num_groups}")
+        if act not in ("silu", "swish", None):
+            raise ValueError(f"GroupNormSiLU: act must be 'silu' or None, got {act!r}")
+        self.num_groups, self.num_channels, self.eps, self.affine, self.act = num_groups, num_channels, eps, affine, act
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    @classmethod
+    def from_group_norm(cls, norm: nn.GroupNorm, act: str | None = "silu") -> "GroupNormSiLU":
+        """A GroupNormSiLU that shares `norm`'s Parameters (no copy; the same state-dict keys)."""
+        fused = cls(norm.num_groups, norm.num_channels, eps=norm.eps, affine=False, act=act)
+        fused.affine = norm.affine
+        fused.weight, fused.bias = norm.weight, norm.bias
+        fused.train(norm.training)
+        return fused
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, temb=temb, act=self.act)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, act={self.act!r}"
