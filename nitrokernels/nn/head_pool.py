@@ -24,6 +24,10 @@ Storage. One tensor per layer depth per level, indexed by head along dim 0 (pool
 `nitrokernels.ops.head_stack`, which gives these tensors SPARSE COO gradients (rows = sampled heads): use
 `nitrokernels.optim.SampledAdamW` (torch.optim.AdamW rejects sparse gradients).
 
+Dtypes. The op runs in the features' dtype. When the parameters have another dtype (fp32 master weights with
+bf16 features, say), the sampled heads' rows -- never the pool -- are gathered and cast for the call, and
+their gradients come back, still sparse, in the parameters' dtype. Same dtypes avoid that copy.
+
 Head ids and host syncs. `forward(features, head_ids)` accepts any LongTensor of head ids (any subset and
 order, repeats allowed, several levels mixed) and returns logits in the caller's order. Grouping arbitrary
 ids by level needs their values on the host: one device->host copy (a sync) per call. `sample()` instead
@@ -53,6 +57,31 @@ def _head_stack(*args, **kwargs):
     from nitrokernels.ops.heads import head_stack  # imported on first use (the op module pulls in Triton)
 
     return head_stack(*args, **kwargs)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Rows `ids` of a pooled tensor, cast to `dtype`; the gradient returns as sparse COO rows of the pool.
+
+    Used only when the features' dtype differs from the parameters' (e.g. fp32 master weights, bf16
+    features): it copies the sampled heads' rows, never the pool, and keeps the gradient sparse.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, ids, dtype):
+        ctx.save_for_backward(ids)
+        ctx.shape, ctx.weight_dtype = weight.shape, weight.dtype
+        return weight.index_select(0, ids).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        if grad.is_sparse:  # head_stack's gradient: rows of the gathered tensor
+            rows, values = ids.index_select(0, grad._indices()[0]), grad._values()
+        else:
+            rows, values = ids, grad
+        sparse = torch.sparse_coo_tensor(rows.unsqueeze(0), values.to(ctx.weight_dtype), ctx.shape,
+                                         check_invariants=False)
+        return sparse, None, None
 
 
 class HeadSample(torch.Tensor):
@@ -357,9 +386,14 @@ class HeadPool(nn.Module):
 
     def _run_level(self, level: int, feature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         heads = self.pools[level]
-        return _head_stack(feature, list(heads.conv_weight), list(heads.conv_bias), list(heads.norm_weight),
-                           list(heads.norm_bias), heads.final_weight, heads.final_bias, rows,
-                           num_groups=self.num_groups, eps=self.eps)
+        tensors = [list(heads.conv_weight), list(heads.conv_bias), list(heads.norm_weight), list(heads.norm_bias),
+                   heads.final_weight, heads.final_bias]
+        if feature.dtype != heads.final_bias.dtype:  # gather + cast the sampled rows only (see _GatherRows)
+            def cast(t):
+                return _GatherRows.apply(t, rows, feature.dtype)
+            tensors = [[cast(t) for t in ts] for ts in tensors[:4]] + [cast(tensors[4]), cast(tensors[5])]
+            rows = torch.arange(rows.numel(), device=rows.device)
+        return _head_stack(feature, *tensors, rows, num_groups=self.num_groups, eps=self.eps)
 
     def forward(self, features: Sequence[torch.Tensor], head_ids: torch.Tensor) -> torch.Tensor:
         """Logits of the heads `head_ids` on `features` (one map per level): [h, B] or [h, B, s, s].
