@@ -32,10 +32,12 @@ Head ids and host syncs. `forward(features, head_ids)` accepts any LongTensor of
 order, repeats allowed, several levels mixed) and returns logits in the caller's order. Grouping arbitrary
 ids by level needs their values on the host: one device->host copy (a sync) per call. `sample()` instead
 returns a `HeadSample` -- a LongTensor whose ids are laid out level-major with a fixed count per level,
-which it records -- and `forward` then slices it per level on the device with no host sync (the step can be
-captured in a CUDA graph for a fixed count). `pool.as_sample(ids, count_per_level)` validates a level-major
-id tensor of your own once and returns it as a `HeadSample`. Any operation on a HeadSample (indexing,
-cat, clone, .to another device) returns a plain tensor, which takes the general path again.
+which it records -- and `forward` then slices it per level on the device with no host sync, so the step can
+be captured in a CUDA graph for a fixed count. On a GPU the range of a HeadSample's ids is then trusted (it
+is in range by construction; head_stack's device-side assert is the backstop); on the CPU it is checked.
+`pool.as_sample(ids, count_per_level)` validates a level-major id tensor of your own once and returns it
+as a HeadSample. Any operation on a HeadSample (indexing, cat, clone, .to another device) returns a plain
+tensor, which takes the general path again.
 """
 from __future__ import annotations
 
@@ -571,6 +573,8 @@ class HeadPool(nn.Module):
         the remainder), so the expected count is exact even for small pools. Returns the sorted ids of the
         refreshed heads (LongTensor on the pool's device). `generator` drives the choice and the new weights;
         a CUDA generator costs one host sync (the chosen ids are grouped by level on the host).
+        `optimizer`: SampledAdamW (moments and per-row step reset: exact) or a torch optimiser such as
+        torch.optim.AdamW (moment rows zeroed; its single per-tensor step is not reset) -- see `reset_heads_`.
         """
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
             raise ValueError(f"HeadPool.refresh_: fraction must be a number in [0, 1], got {fraction!r}")
