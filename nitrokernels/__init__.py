@@ -19,7 +19,7 @@ _LAZY = {
     "graphed": "nitrokernels.graph",
     "info": "nitrokernels.info",
 }
-_SUBMODULES = ("ops", "nn", "nitro", "kernels", "testing")
+_SUBMODULES = ("ops", "nn", "nitro", "kernels", "optim", "testing")
 __all__ = sorted(_LAZY) + list(_SUBMODULES)
 
 
