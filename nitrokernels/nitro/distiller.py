@@ -1,0 +1,680 @@
+"""NitroFusion distillation: a multi-step teacher makes "real" x0 from noise, the one-step student makes "fake"
+x̂0 from the same noise, and a DynamicDiscriminator (frozen teacher encoder + pooled heads) trains both
+adversarially -- no regression term.
+
+    bank = PromptBank(cond={"encoder_hidden_states": text_embs}, uncond={"encoder_hidden_states": empty_emb})
+    distiller = NitroDistiller(teacher, student, teacher_scheduler, bank,
+                               DistillConfig(steps=2000, batch_size=5, grad_accum=20, shift=250, out_dir="runs/x"))
+    distiller.train()                      # resumes from runs/x/checkpoint.pt when it exists (resume=True)
+
+One iteration (DistillConfig.steps of them):
+  1. draw the heads of this iteration (DynamicDiscriminator.sample: t* groups + heads per level per kind);
+  2. discriminator phase, for each of grad_accum micro-batches: prompts, noise x_T, teacher x0 (multi-step,
+     no grad), student x̂0 (no grad), d_loss backward; then one SampledAdamW step of the sampled heads;
+  3. generator phase, same micro-batches (same noise, prompts): student x̂0 with grad, g_loss through the
+     frozen backbone and the just-updated heads (which stay constant), backward; clip, AdamW step, EMA;
+  4. refresh ~refresh_rate of the pool (re-initialised with their optimiser rows).
+The student is called once, at the shifted timestep s = floor(999 * shift / 1000) on pure noise, and its
+output is turned into x̂0 by TimestepShiftLCMScheduler's 1-step rule, so the trained student samples in
+1-4 steps with that scheduler (nitrokernels.nitro.sampling.sample).
+
+Exact resume: every random draw comes from two generators owned by the distiller (one on the host for
+prompt and t* choices, one on the device for noise and head ids) whose states are checkpointed together
+with the step, student, EMA, heads, both optimisers, the LR schedulers and the grad scaler, so a resumed run
+continues the identical loss curve. Checkpoints are written to a temporary file and moved into place with
+os.replace (a crash mid-write leaves the previous checkpoint intact); a corrupt file or one written for a
+different configuration / model is refused with a clear error and nothing is modified.
+
+Conditioning is anything the UNets take as kwargs: {"encoder_hidden_states": ...} for a class- or
+text-conditional UNet; add {"added_cond_kwargs": {"text_embeds": ..., "time_ids": ...}} for SDXL. The
+"uncond" kwargs (the empty prompt) feed the discriminator's unconditional heads and the teacher's
+classifier-free guidance.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from nitrokernels.nitro.discriminator import DynamicDiscriminator
+
+__all__ = ["DistillConfig", "NitroDistiller", "PromptBank", "CheckpointError", "load_unet_weights", "save_image_grid"]
+
+log = logging.getLogger("nitrokernels")
+CHECKPOINT_FORMAT = "nitrokernels-nitrofusion-distill-v1"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+# Config fields that may differ between a checkpoint and the run that resumes it (everything else must match).
+_RESUMABLE_FIELDS = {"steps", "log_every", "sample_every", "checkpoint_every", "out_dir", "progress", "resume",
+                     "device", "sample_count"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is corrupt, of another format, or was written for a different configuration / model."""
+
+
+@dataclass
+class DistillConfig:
+    """Everything a NitroFusion distillation run needs; every field has a documented default.
+
+    Optimisation: lr_student / lr_heads (AdamW / SampledAdamW; DMD2 used 5e-7 on SDXL, the paper does not
+    say), betas, weight decay, warmup_steps (linear LR warm-up of both), grad_clip (max grad norm of the
+    student; None = off), ema_decay (None = no EMA), batch_size x grad_accum images per update (paper: 5 x 20).
+    Method: shift (timestep shift of the student: it is called at floor(999 * shift / 1000)), teacher_steps and
+    teacher_guidance (the teacher's multi-step sampler; guidance 1 = none), refresh_every (iterations between
+    pool refreshes; the rate is the discriminator's refresh_rate).
+    discriminator: kwargs of DynamicDiscriminator (when the distiller builds it; see its docstring).
+    Precision: mixed_precision "no" | "bf16" | "fp16" (autocast of every UNet forward; forced off on a CPU;
+    fp16 uses a GradScaler).
+    Bookkeeping: seed, device, out_dir (checkpoints, log.jsonl, sample grids; None = none), log_every,
+    sample_every (sample-grid PNG every N iterations; 0 = only at the end), sample_count, checkpoint_every (0 =
+    only at the end), resume (continue from out_dir/checkpoint.pt when present), progress (tqdm bar).
+    """
+
+    steps: int = 1000
+    batch_size: int = 5
+    grad_accum: int = 1
+    lr_student: float = 1e-5
+    lr_heads: float = 1e-4
+    betas_student: tuple[float, float] = (0.9, 0.999)
+    betas_heads: tuple[float, float] = (0.9, 0.999)
+    weight_decay_student: float = 0.0
+    weight_decay_heads: float = 0.01
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    shift: float = 250
+    teacher_steps: int = 4
+    teacher_guidance: float = 1.0
+    refresh_every: int = 1
+    discriminator: dict = field(default_factory=dict)
+    mixed_precision: str = "no"
+    seed: int = 0
+    device: str | None = None
+    out_dir: str | None = None
+    log_every: int = 10
+    sample_every: int = 0
+    sample_count: int = 20
+    checkpoint_every: int = 0
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        def positive_int(name, low=1):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"DistillConfig.{name} must be an int >= {low}, got {value!r}")
+
+        for name in ("batch_size", "grad_accum", "teacher_steps", "refresh_every", "sample_count"):
+            positive_int(name)
+        for name in ("steps", "log_every", "sample_every", "checkpoint_every", "warmup_steps"):
+            positive_int(name, 0)
+        for name in ("lr_student", "lr_heads", "weight_decay_student", "weight_decay_heads"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        self.betas_student, self.betas_heads = tuple(self.betas_student), tuple(self.betas_heads)
+        if not 0 < self.shift <= 1000:
+            raise ValueError(f"DistillConfig.shift must be in (0, 1000] (NitroSD: 250 Realism, 500 Vibrant), got {self.shift!r}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"DistillConfig.ema_decay must be in [0, 1) or None, got {self.ema_decay!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"DistillConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"DistillConfig.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if not isinstance(self.discriminator, Mapping):
+            raise ValueError("DistillConfig.discriminator must be a dict of DynamicDiscriminator kwargs")
+        self.discriminator = dict(self.discriminator)
+
+    def fingerprint(self) -> dict:
+        """The fields a resumed run must share with its checkpoint (JSON-able)."""
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(self).items() if k not in _RESUMABLE_FIELDS}
+
+
+def _jsonable(value):
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------- prompts
+class PromptBank:
+    """A bank of precomputed conditioning: `cond` holds N prompts ([N, ...] tensors, nested dicts allowed, e.g.
+    SDXL's added_cond_kwargs), `uncond` the empty prompt ([1, ...] tensors, expanded to the batch).
+
+    `bank(batch, generator)` draws `batch` prompt indices uniformly (host generator) and returns
+    (cond kwargs, uncond kwargs, indices). Labels of the class-conditional digits are the indices 0-9.
+    """
+
+    def __init__(self, cond: Mapping, uncond: Mapping | None = None):
+        sizes = {v.shape[0] for _, v in _walk(cond)}
+        if len(sizes) != 1:
+            raise ValueError(f"PromptBank: every cond tensor needs the same number of prompts, got sizes {sorted(sizes)}")
+        self.size = sizes.pop()
+        if self.size < 1:
+            raise ValueError("PromptBank: the bank is empty")
+        if uncond is not None:
+            bad = [k for k, v in _walk(uncond) if v.shape[0] != 1]
+            if bad:
+                raise ValueError(f"PromptBank: uncond tensors must have batch 1 (the empty prompt), {bad} do not")
+        self.cond, self.uncond = cond, uncond
+
+    def __len__(self):
+        return self.size
+
+    def indices(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randint(0, self.size, (batch,), generator=generator)
+
+    def take(self, indices: torch.Tensor, device=None):
+        idx = indices.cpu()
+        cond = _map(self.cond, lambda v: v[idx.to(v.device)].to(device) if device is not None else v[idx.to(v.device)])
+        uncond = None if self.uncond is None else _map(
+            self.uncond, lambda v: v.expand(len(idx), *v.shape[1:]).to(device) if device is not None
+            else v.expand(len(idx), *v.shape[1:]))
+        return cond, uncond
+
+    def __call__(self, batch: int, generator: torch.Generator | None = None, device=None):
+        idx = self.indices(batch, generator)
+        cond, uncond = self.take(idx, device)
+        return cond, uncond, idx
+
+
+def _walk(kwargs, prefix=""):
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            yield prefix + key, value
+        elif isinstance(value, Mapping):
+            yield from _walk(value, prefix + key + ".")
+
+
+def _map(kwargs, fn):
+    return {k: (fn(v) if isinstance(v, torch.Tensor) else _map(v, fn) if isinstance(v, Mapping) else v)
+            for k, v in kwargs.items()}
+
+
+def _cat_cond(a: Mapping, b: Mapping) -> dict:
+    return {k: (torch.cat([v, b[k]]) if isinstance(v, torch.Tensor) else _cat_cond(v, b[k]) if isinstance(v, Mapping)
+                else v) for k, v in a.items()}
+
+
+# --------------------------------------------------------------------------------------------- weights
+def load_unet_weights(unet: nn.Module, path: str, prefix: str | None = None, strict: bool = True) -> nn.Module:
+    """Load a local safetensors file (e.g. nitrosd-realism_unet.safetensors) into a diffusers UNet.
+
+    Keys may carry a prefix ("unet.", "model.diffusion_model." is NOT converted: use diffusers-format weights);
+    `prefix=None` strips a leading "unet." when every key has it. Missing / unexpected keys or shape mismatches
+    raise a ValueError naming the first few.
+    """
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_unet_weights: {path} is not a file")
+    state = load_file(path)
+    if prefix is None and state and all(k.startswith("unet.") for k in state):
+        prefix = "unet."
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = unet.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if shapes or (strict and (missing or unexpected)):
+        raise ValueError(f"load_unet_weights: {path} does not fit this UNet: {len(missing)} missing "
+                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, shape mismatches {shapes[:3]}")
+    unet.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own}, strict=strict)
+    return unet
+
+
+def save_image_grid(images: torch.Tensor, path: str, nrow: int = 10, scale: int = 4, pad: int = 1) -> str:
+    """Save images [N, C, H, W] in [-1, 1] (C = 1 or 3; other counts: the first channel) as a PNG grid."""
+    from PIL import Image
+
+    images = images.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    if images.shape[1] not in (1, 3):
+        images = images[:, :1]
+    n, c, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
+    for i in range(n):
+        y, x = divmod(i, nrow)
+        grid[:, pad + y * (h + pad):pad + y * (h + pad) + h, pad + x * (w + pad):pad + x * (w + pad) + w] = images[i]
+    array = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(array)
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _unet_out(output):
+    return output.sample if hasattr(output, "sample") else output[0] if isinstance(output, (tuple, list)) else output
+
+
+# --------------------------------------------------------------------------------------------- trainer
+class NitroDistiller:
+    """NitroFusion adversarial distillation of a one-step student; see the module docstring.
+
+    Args:
+        teacher: a diffusers UNet (frozen here) used with `teacher_scheduler` (any diffusers scheduler, e.g.
+            DDIM) for `config.teacher_steps` steps to make real x0.
+        student: the UNet to train (initialised from given weights; e.g. a copy of the teacher, or
+            load_unet_weights(...)).
+        teacher_scheduler: a diffusers scheduler instance for the teacher.
+        prompts: a PromptBank (or any callable (batch, host_generator, device) -> (cond, uncond, indices)).
+        config: DistillConfig.
+        discriminator: a DynamicDiscriminator (default: built over the teacher with config.discriminator).
+        student_scheduler: the TimestepShiftLCMScheduler that defines the student's x0 (default: built with
+            config.shift and the teacher scheduler's noise schedule).
+        decode: latents -> images in [-1, 1] for the sample grids (e.g. a VAE decode); default: identity.
+        grid_prompts: indices into the PromptBank for the sample grid (default: the first sample_count, cycled).
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, teacher_scheduler, prompts, config: DistillConfig,
+                 discriminator: DynamicDiscriminator | None = None, student_scheduler=None,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None, grid_prompts: torch.Tensor | None = None):
+        from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
+
+        self.config = config
+        self.device = torch.device(config.device or next(student.parameters()).device)
+        self.teacher = teacher.to(self.device).requires_grad_(False).eval()
+        self.student = student.to(self.device).train()
+        if student is teacher or any(p is q for p, q in zip(student.parameters(), teacher.parameters())):
+            raise ValueError("NitroDistiller: teacher and student must be different modules (pass a copy of the "
+                             "teacher as the student, e.g. copy.deepcopy(teacher))")
+        self.student.requires_grad_(True)
+        self.teacher_scheduler = teacher_scheduler
+        self.prompts = prompts
+        self.decode = decode
+        if discriminator is None:
+            kwargs = dict(config.discriminator)
+            if "alphas_cumprod" not in kwargs and hasattr(teacher_scheduler, "alphas_cumprod"):
+                kwargs["alphas_cumprod"] = teacher_scheduler.alphas_cumprod
+            # the heads' initial weights come from config.seed (not from whatever the global RNG holds)
+            devices = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(config.seed + 2)
+                discriminator = DynamicDiscriminator(self.teacher, **kwargs)
+        self.disc = discriminator.to(self.device)
+        if student_scheduler is None:
+            sched_cfg = getattr(teacher_scheduler, "config", {})
+            keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+            kwargs = {k: sched_cfg[k] for k in keys if k in sched_cfg and sched_cfg[k] is not None}
+            student_scheduler = TimestepShiftLCMScheduler(shift=config.shift, **kwargs)
+        self.student_scheduler = student_scheduler
+        self.student_scheduler.set_timesteps(1)
+        self.student_lcm_t = int(self.student_scheduler.lcm_timesteps[0])
+        self.student_t = int(self.student_scheduler.model_timesteps[0])
+
+        mp = config.mixed_precision
+        if self.device.type != "cuda" and mp != "no":
+            log.info("NitroDistiller: mixed_precision=%s is turned off on %s (autocast runs only on CUDA here)",
+                     mp, self.device)
+            mp = "no"
+        self.amp_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mp]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=(mp == "fp16"))
+
+        self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=config.lr_student,
+                                             betas=config.betas_student, weight_decay=config.weight_decay_student)
+        self.opt_heads = self._make_heads_optimizer()
+        warm = config.warmup_steps
+
+        def ramp(step):
+            return min(1.0, (step + 1) / warm) if warm else 1.0
+
+        self.sched_student = torch.optim.lr_scheduler.LambdaLR(self.opt_student, ramp)
+        self.sched_heads = torch.optim.lr_scheduler.LambdaLR(self.opt_heads, ramp)
+        self.ema = None
+        if config.ema_decay is not None:
+            self.ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+
+        self.host_gen = torch.Generator().manual_seed(config.seed)
+        self.dev_gen = torch.Generator(self.device).manual_seed(config.seed + 1)
+        self.step = 0
+        self.history: list[dict] = []
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._grid_noise, self._grid_idx = self._grid_inputs(grid_prompts)
+        self._teacher_step_takes_generator = "generator" in inspect.signature(teacher_scheduler.step).parameters
+
+    def _make_heads_optimizer(self):
+        params = list(self.disc.head_parameters())
+        try:
+            from nitrokernels.optim import SampledAdamW
+
+            return SampledAdamW(params, lr=self.config.lr_heads, betas=self.config.betas_heads,
+                                weight_decay=self.config.weight_decay_heads)
+        except ImportError as err:  # pragma: no cover - SampledAdamW is part of the package
+            log.warning("NitroDistiller: SampledAdamW unavailable (%s); using torch AdamW on dense gradients", err)
+            return torch.optim.AdamW(params, lr=self.config.lr_heads, betas=self.config.betas_heads,
+                                     weight_decay=self.config.weight_decay_heads)
+
+    def _grid_inputs(self, grid_prompts):
+        n = self.config.sample_count
+        gen = torch.Generator().manual_seed(self.config.seed + 12345)
+        shape = self._latent_shape(n)
+        noise = torch.randn(shape, generator=gen)
+        if grid_prompts is None:
+            size = len(self.prompts) if hasattr(self.prompts, "__len__") else n
+            grid_prompts = torch.arange(n) % max(size, 1)
+        return noise, torch.as_tensor(grid_prompts).long()
+
+    def _latent_shape(self, batch):
+        cfg = self.student.config
+        return (batch, cfg.in_channels, self.disc.resolution, self.disc.resolution)
+
+    # ---------------------------------------------------------------------------------------- models
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def student_x0(self, noise: torch.Tensor, cond: Mapping, model: nn.Module | None = None) -> torch.Tensor:
+        """One-step x̂0 of the student from pure noise: called at the shifted timestep, the LCM 1-step rule."""
+        model = model or self.student
+        t = torch.full((noise.shape[0],), self.student_t, dtype=torch.long, device=noise.device)
+        with self._autocast():
+            out = _unet_out(model(noise, t, **cond)).float()
+        self.student_scheduler.set_timesteps(1)
+        return self.student_scheduler.step(out, self.student_lcm_t, noise.float(), return_dict=False)[1]
+
+    @torch.no_grad()
+    def teacher_x0(self, noise: torch.Tensor, cond: Mapping, uncond: Mapping | None) -> torch.Tensor:
+        """The teacher's multi-step sample from `noise` (its scheduler, config.teacher_steps, optional CFG)."""
+        sched = self.teacher_scheduler
+        guidance = self.config.teacher_guidance
+        if guidance != 1.0 and uncond is None:
+            raise ValueError("NitroDistiller: teacher_guidance != 1 needs the empty prompt (uncond) in the prompts")
+        sched.set_timesteps(self.config.teacher_steps, device=noise.device)
+        x = noise * getattr(sched, "init_noise_sigma", 1.0)
+        both = _cat_cond(cond, uncond) if guidance != 1.0 else cond
+        extra = {"generator": self.dev_gen} if self._teacher_step_takes_generator else {}
+        for t in sched.timesteps:
+            inp = torch.cat([x, x]) if guidance != 1.0 else x
+            inp = sched.scale_model_input(inp, t) if hasattr(sched, "scale_model_input") else inp
+            with self._autocast():
+                out = _unet_out(self.teacher(inp, t, **both)).float()
+            if guidance != 1.0:
+                c, u = out.chunk(2)
+                out = u + guidance * (c - u)
+            x = sched.step(out, t, x, **extra).prev_sample
+        return x.float()
+
+    # ------------------------------------------------------------------------------------------ step
+    def _micro_batches(self):
+        cfg = self.config
+        batches = []
+        for _ in range(cfg.grad_accum):
+            cond, uncond, idx = self.prompts(cfg.batch_size, self.host_gen, self.device)
+            noise = torch.randn(self._latent_shape(cfg.batch_size), generator=self.dev_gen, device=self.device)
+            batches.append((noise, cond, uncond))
+        return batches
+
+    def train_step(self) -> dict:
+        """One NitroFusion iteration (see the module docstring). Returns detached loss tensors."""
+        cfg = self.config
+        selection = self.disc.sample(generator=self.dev_gen, host_generator=self.host_gen)
+        batches = self._micro_batches()
+        scale = 1.0 / cfg.grad_accum
+        # discriminator phase: the sampled heads learn teacher x0 (real) vs student x̂0 (fake)
+        d_total, d_diag = 0.0, None
+        self.opt_heads.zero_grad(set_to_none=True)
+        for noise, cond, uncond in batches:
+            real = self.teacher_x0(noise, cond, uncond)
+            with torch.no_grad():
+                fake = self.student_x0(noise, cond)
+            with self._autocast():
+                out = self.disc.d_loss(real, fake, cond, uncond, selection=selection, generator=self.dev_gen)
+            self.scaler.scale(out.d_loss * scale).backward()
+            d_total = d_total + out.d_loss.detach() * scale
+            d_diag = out if d_diag is None else d_diag
+        self.scaler.step(self.opt_heads)
+        self.opt_heads.zero_grad(set_to_none=True)
+        # generator phase: the student learns to fool the (updated, now constant) sampled heads
+        g_total, g_diag = 0.0, None
+        self.opt_student.zero_grad(set_to_none=True)
+        for noise, cond, uncond in batches:
+            fake = self.student_x0(noise, cond)
+            with self._autocast():
+                out = self.disc.g_loss(fake, cond, uncond, selection=selection, generator=self.dev_gen)
+            self.scaler.scale(out.g_loss * scale).backward()
+            g_total = g_total + out.g_loss.detach() * scale
+            g_diag = out if g_diag is None else g_diag
+        self.scaler.unscale_(self.opt_student)
+        grad_norm = None
+        if cfg.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+        self.scaler.step(self.opt_student)
+        self.scaler.update()
+        self.opt_student.zero_grad(set_to_none=True)
+        self.sched_student.step()
+        self.sched_heads.step()
+        if self.ema is not None:
+            self._update_ema()
+        self.step += 1
+        if cfg.refresh_every and self.step % cfg.refresh_every == 0:
+            self.disc.refresh(optimizer=self.opt_heads, generator=self.host_gen)
+        result = {"d_loss": d_total, "g_loss": g_total, "t_star": d_diag.t_star}
+        if grad_norm is not None:
+            result["grad_norm"] = grad_norm.detach()
+        result["diagnostics"] = {**{f"{k}/{n}": v for k, s in d_diag.diagnostics.items() for n, v in s.items()
+                                    if n != "heads"},
+                                 **{f"{k}/{n}": v for k, s in g_diag.diagnostics.items() for n, v in s.items()
+                                    if n == "g_loss"}}
+        return result
+
+    @torch.no_grad()
+    def _update_ema(self):
+        decay = self.config.ema_decay
+        for p_ema, p in zip(self.ema.parameters(), self.student.parameters()):
+            p_ema.lerp_(p.detach(), 1 - decay)
+        for b_ema, b in zip(self.ema.buffers(), self.student.buffers()):
+            b_ema.copy_(b)
+
+    # ----------------------------------------------------------------------------------------- loop
+    def train(self, steps: int | None = None, callback: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """Run until `steps` (default config.steps) iterations are done in total (resuming from out_dir's
+        checkpoint first when config.resume). Returns the per-iteration history (floats)."""
+        cfg = self.config
+        total = cfg.steps if steps is None else steps
+        if cfg.out_dir:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            path = os.path.join(cfg.out_dir, CHECKPOINT_NAME)
+            if cfg.resume and os.path.exists(path) and self.step == 0:
+                self.load_checkpoint(path)
+                log.info("NitroDistiller: resumed from %s at step %d", path, self.step)
+        bar = None
+        if cfg.progress and self.step < total:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=self.step, desc="NitroFusion", dynamic_ncols=True, leave=False)
+        start = time.time()
+        try:
+            while self.step < total:
+                result = self.train_step()
+                self._pending.append((self.step, result))
+                if callback is not None:
+                    callback(self.step, result)
+                if bar is not None:
+                    bar.update(1)
+                if (cfg.log_every and self.step % cfg.log_every == 0) or self.step == total:
+                    rows = self._flush_log(time.time() - start)
+                    if bar is not None and rows:
+                        bar.set_postfix(d=f"{rows[-1]['d_loss']:.3f}", g=f"{rows[-1]['g_loss']:.3f}")
+                if cfg.out_dir and cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.save_samples()
+                if cfg.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        self._flush_log(time.time() - start)
+        if cfg.out_dir:
+            self.save_samples()
+            self.save_checkpoint()
+        return self.history
+
+    def _flush_log(self, elapsed: float) -> list[dict]:
+        if not self._pending:
+            return []
+        keys = []
+        tensors = []
+        for step, result in self._pending:
+            row_keys = ["d_loss", "g_loss"] + (["grad_norm"] if "grad_norm" in result else []) + \
+                sorted(result["diagnostics"])
+            keys.append((step, result["t_star"], row_keys))
+            tensors += [torch.as_tensor(result[k] if k in result else result["diagnostics"][k]).detach().float()
+                        .reshape(()).cpu() for k in row_keys]
+        values = torch.stack(tensors).tolist()  # one host sync for everything pending
+        rows, i = [], 0
+        for step, t_star, row_keys in keys:
+            row = {"step": step, "t_star": list(t_star)}
+            for k in row_keys:
+                row[k] = values[i]
+                i += 1
+            row["elapsed_s"] = round(elapsed, 3)
+            rows.append(row)
+        self._pending.clear()
+        self.history.extend(rows)
+        if self.config.out_dir:
+            with open(os.path.join(self.config.out_dir, "log.jsonl"), "a") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        return rows
+
+    # -------------------------------------------------------------------------------------- samples
+    @torch.no_grad()
+    def sample_one_step(self, noise: torch.Tensor, indices: torch.Tensor, use_ema: bool = True) -> torch.Tensor:
+        model = self.ema if (use_ema and self.ema is not None) else self.student
+        was = model.training
+        model.eval()
+        cond, _ = self.prompts.take(indices, self.device)
+        x0 = self.student_x0(noise.to(self.device), cond, model=model)
+        model.train(was)
+        return x0
+
+    def save_samples(self, path: str | None = None) -> str | None:
+        """Sample grid PNG of the student's one-step samples on fixed noise and prompts."""
+        if path is None:
+            if not self.config.out_dir:
+                return None
+            path = os.path.join(self.config.out_dir, f"samples_{self.step:06d}.png")
+        images = self.sample_one_step(self._grid_noise, self._grid_idx)
+        if self.decode is not None:
+            images = self.decode(images)
+        return save_image_grid(images, path, nrow=min(10, len(images)))
+
+    # ----------------------------------------------------------------------------------- checkpoint
+    def _model_signature(self) -> dict:
+        def shapes(module):
+            return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+        digest = hashlib.sha256(json.dumps({"student": shapes(self.student), "heads": shapes(self.disc.pools)},
+                                           sort_keys=True).encode()).hexdigest()
+        return {"shapes_sha256": digest, "levels": [list(l) for l in self.disc.levels], "t_star": list(self.disc.t_star),
+                "num_heads": self.disc.num_heads}
+
+    def state_dict(self) -> dict:
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.fingerprint(),
+            "model": self._model_signature(),
+            "step": self.step,
+            "student": self.student.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "heads": self.disc.heads_state_dict(),
+            "opt_student": self.opt_student.state_dict(),
+            "opt_heads": self.opt_heads.state_dict(),
+            "sched_student": self.sched_student.state_dict(),
+            "sched_heads": self.sched_heads.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"host": self.host_gen.get_state(), "device": self.dev_gen.get_state(),
+                    "torch": torch.get_rng_state(), "cuda": cuda_rng, "python": random.getstate(),
+                    "numpy": np.random.get_state()},
+            "history": self.history,
+        }
+
+    def save_checkpoint(self, path: str | None = None) -> str:
+        """Write the full training state atomically (tmp file + fsync + os.replace)."""
+        self._flush_log(0.0) if self._pending else None
+        path = path or os.path.join(self.config.out_dir, CHECKPOINT_NAME)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(self.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore everything saved by save_checkpoint. Refuses (CheckpointError, nothing modified) a corrupt
+        file, another format, or a checkpoint of a different configuration or model."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # truncated / garbage / not a torch file
+            raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err}); "
+                                  f"it was not loaded") from err
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(f"checkpoint {path} is not a NitroDistiller checkpoint (format {found!r}, expected "
+                                  f"{CHECKPOINT_FORMAT!r})")
+        mine, theirs = self.config.fingerprint(), state.get("config", {})
+        diff = sorted(k for k in set(mine) | set(theirs) if _jsonable(mine.get(k)) != _jsonable(theirs.get(k)))
+        if diff:
+            details = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in diff[:6])
+            raise CheckpointError(f"checkpoint {path} was written with a different configuration ({details}); "
+                                  f"use a new out_dir or the same settings")
+        if state.get("model") != self._model_signature():
+            raise CheckpointError(f"checkpoint {path} was written for a different student / discriminator (parameter "
+                                  f"shapes or levels differ: {state.get('model')} vs {self._model_signature()})")
+        required = ("step", "student", "heads", "opt_student", "opt_heads", "rng")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is incomplete (missing {missing})")
+        if (state.get("ema") is None) != (self.ema is None):
+            raise CheckpointError(f"checkpoint {path}: EMA {'present' if state.get('ema') is not None else 'absent'} "
+                                  f"but this run has ema_decay={self.config.ema_decay}")
+        self.student.load_state_dict(state["student"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.disc.load_heads_state_dict(state["heads"])
+        self.opt_student.load_state_dict(state["opt_student"])
+        self.opt_heads.load_state_dict(state["opt_heads"])
+        self.sched_student.load_state_dict(state["sched_student"])
+        self.sched_heads.load_state_dict(state["sched_heads"])
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        self.host_gen.set_state(rng["host"])
+        self.dev_gen.set_state(rng["device"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        self._pending.clear()
