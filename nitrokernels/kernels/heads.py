@@ -183,7 +183,7 @@ def _final_bwd_kernel(
     w_ptr, sw_p, sw_c, sw_kh, sw_kw,                   # pooled final weight [P, 1, I, K, K]
     ids_ptr, P,
     gu_ptr,                                            # out: dU_D [h, B, S, S, I] (grad wrt GroupNorm output)
-    part_ptr,                                          # out: [h, B, T, I, 2] fp32 (sum dU, sum dU * xhat)
+    part_ptr,                                          # out: [h, B, T, I, 3] fp32 (sum dU, sum dU*xhat, sum Y)
     gwp_ptr,                                           # out: final-weight grad partials, see below
     B, S, I, T, G, CPG,
     GLOBAL: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr,
@@ -227,9 +227,10 @@ def _final_bwd_kernel(
         tl.store(gu_ptr + offs, gur, mask=m)
         gu = tl.where(m, gur.to(tl.float32), 0.0)
         xhat = (yv - mean[None, :]) * rstd[None, :]
-        pbase = part_ptr + (hb * T + pid_t) * I * 2 + cs * 2
+        pbase = part_ptr + (hb * T + pid_t) * I * 3 + cs * 3
         tl.store(pbase, tl.sum(gu, axis=0), mask=c_ok)
         tl.store(pbase + 1, tl.sum(tl.where(m, gu * xhat, 0.0), axis=0), mask=c_ok)
+        tl.store(pbase + 2, tl.sum(yv, axis=0), mask=c_ok)
         a = tl.where(m, (u * sig).to(y_ptr.dtype.element_ty).to(tl.float32), 0.0)
         if GLOBAL:   # gwp [h, B, I, S*S]: dW[c, tap] for this sample (T == 1)
             tl.store(gwp_ptr + hb * I * npix + cs[None, :] * npix + q[:, None], gz * a, mask=m)
@@ -349,9 +350,10 @@ def _dgrad_class(gy_ptr, w_ptr, sw_p, sw_o, sw_c, sw_kh, sw_kw, ids_ptr, P, out_
         tl.store(out_ptr + offs, gur, mask=m)
         gu = tl.where(m, gur.to(tl.float32), 0.0)
         xhat = (yv - mean[None, :]) * rstd[None, :]
-        pbase = part_ptr + (hb * 4 * T + cls * T + t) * I * 2 + cols * 2
+        pbase = part_ptr + (hb * 4 * T + cls * T + t) * I * 3 + cols * 3
         tl.store(pbase, tl.sum(gu, axis=0), mask=col_ok)
         tl.store(pbase + 1, tl.sum(tl.where(m, gu * xhat, 0.0), axis=0), mask=col_ok)
+        tl.store(pbase + 2, tl.sum(yv, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -486,13 +488,16 @@ def _finish_stats(part: torch.Tensor, npix: int, block: int, groups: int, eps: f
 
 
 def _gn_bwd_coefs(part: torch.Tensor, stats: torch.Tensor, gamma: torch.Tensor, npix: int):
-    """From per-tile (sum dU, sum dU*xhat) partials [h, B, T, I, 2]: the coefficients of
-    dY = alpha*dU + beta*Y + delta ([h, B, I, 3] fp32) and the per-head affine gradients ([h, I] fp32)."""
+    """From per-tile (sum dU, sum dU*xhat, sum Y) partials [h, B, T, I, 3]: the coefficients of
+    dY = alpha*dU + beta*Y + delta ([h, B, I, 3] fp32), the per-head affine gradients and the gradient of
+    the conv bias that produced Y, sum(dY) = alpha*sum(dU) + beta*sum(Y) + delta*npix ([h, I] fp32 each).
+    (The bias gradient from these fp32 sums avoids summing the rounded dY, which cancels heavily: dY sums
+    to zero over every group.)"""
     h, batch, _, channels, _ = part.shape
     groups = stats.shape[2]
     cpg = channels // groups
     sums = part.sum(2)                                                      # [h, B, I, 2]
-    p1, p2 = sums[..., 0], sums[..., 1]
+    p1, p2, p3 = sums[..., 0], sums[..., 1], sums[..., 2]
     g_beta, g_gamma = p1.sum(1), p2.sum(1)                                  # [h, I]
     n = float(npix * cpg)
     c1 = (gamma[:, None] * p1).view(h, batch, groups, cpg).sum(-1) / n      # mean of dxhat
@@ -502,7 +507,8 @@ def _gn_bwd_coefs(part: torch.Tensor, stats: torch.Tensor, gamma: torch.Tensor, 
     beta = (-rstd * rstd * c2)[..., None].expand_as(alpha)
     delta = (rstd * rstd * c2 * mean - rstd * c1)[..., None].expand_as(alpha)
     coef = torch.stack((alpha, beta, delta), -1).reshape(h, batch, channels, 3).contiguous()
-    return coef, g_gamma, g_beta
+    g_bias = (coef[..., 0] * p1 + coef[..., 1] * p3 + coef[..., 2] * npix).sum(1)
+    return coef, g_gamma, g_beta, g_bias
 
 
 def _gn_bwd_apply(g: torch.Tensor, y: torch.Tensor, coef: torch.Tensor) -> None:
@@ -601,7 +607,7 @@ def head_stack_backward(grad_out, feature, conv_weights, conv_biases, norm_weigh
     bc = _clamp_block(c_last, 16, "fin_c")
     tiles = triton.cdiv(npix, bq)
     gu = torch.empty_like(y_last)
-    part = torch.empty((h, batch, tiles, c_last, 2), dtype=torch.float32, device=device)
+    part = torch.empty((h, batch, tiles, c_last, 3), dtype=torch.float32, device=device)
     gwp = torch.empty((h, batch, c_last, npix) if is_global else (h, batch * tiles, c_last),
                       dtype=torch.float32, device=device)
     _final_bwd_kernel[(tiles, batch, h)](
@@ -613,8 +619,7 @@ def head_stack_backward(grad_out, feature, conv_weights, conv_biases, norm_weigh
     if need_param_grads:
         g_wf = gwp.sum(1).view(h, 1, c_last, k, k).to(final_weight.dtype)
         g_bf = grad_out.float().reshape(h, -1).sum(1, keepdim=True).to(final_bias.dtype)
-    coef, gg, gb = _gn_bwd_coefs(part, stats[-1], gammas[-1], npix)
-    g_gamma[-1], g_beta[-1] = gg, gb
+    coef, g_gamma[-1], g_beta[-1], g_b[-1] = _gn_bwd_coefs(part, stats[-1], gammas[-1], npix)
     _gn_bwd_apply(gu, y_last, coef)
     gy = gu                                                     # dY of layer depth-1
 
@@ -643,7 +648,6 @@ def head_stack_backward(grad_out, feature, conv_weights, conv_biases, norm_weigh
                 gy, x, sx_head, *sx, scale, shift, gw, batch, s_in, s_out, c_in, c_out, nc,
                 NORM=d > 0, TAPS=taps, BM=bm, BN=bn, BK=bk, PREC=prec, UPCAST=upcast, num_warps=_warps(bm, bn), num_stages=3)
             g_w[d] = gw
-            g_b[d] = gy.float().sum((1, 2, 3)).to(conv_biases[d].dtype)
         if d == 0 and not need_feature_grad:
             break
         hc = (s_in + 1) // 2
@@ -662,20 +666,21 @@ def head_stack_backward(grad_out, feature, conv_weights, conv_biases, norm_weigh
         else:
             y_prev = ys[d - 1]
             gu = torch.empty_like(y_prev)
-            part = torch.empty((h, batch, 4 * tiles, c_in, 2), dtype=torch.float32, device=device)
+            part = torch.empty((h, batch, 4 * tiles, c_in, 3), dtype=torch.float32, device=device)
             _conv_dgrad_kernel[grid](
                 gy, w, *_w_strides(w), ids, pool, gu, 0, 0, 0, 0,
                 y_prev, scale, shift, stats[d - 1], part, batch, s_in, s_out, c_in, c_out, h, tiles,
                 num_groups, c_in // num_groups,
                 SHARED=False, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec, UPCAST=upcast, num_warps=_warps(bm, bn), num_stages=3)
-            coef, gg, gb = _gn_bwd_coefs(part, stats[d - 1], gammas[d - 1], s_in * s_in)
-            g_gamma[d - 1], g_beta[d - 1] = gg, gb
+            coef, g_gamma[d - 1], g_beta[d - 1], g_b[d - 1] = _gn_bwd_coefs(part, stats[d - 1], gammas[d - 1],
+                                                                             s_in * s_in)
             _gn_bwd_apply(gu, y_prev, coef)
             gy = gu
 
     if need_param_grads:
         g_gamma = [g.to(p.dtype) for g, p in zip(g_gamma, norm_weights)]
         g_beta = [g.to(p.dtype) for g, p in zip(g_beta, norm_biases)]
+        g_b = [g.to(p.dtype) for g, p in zip(g_b, conv_biases)]
     else:
-        g_gamma = g_beta = [None] * depth
+        g_gamma, g_beta, g_b = [None] * depth, [None] * depth, [None] * depth
     return g_feature, g_w, g_b, g_gamma, g_beta, g_wf, g_bf
