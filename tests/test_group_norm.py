@@ -4,6 +4,8 @@ Each backend is forced in turn: eager (the reference itself, in the tested dtype
 interpreter when there is no GPU), cuda_ext (GPU only). Output buffers are poisoned with NaN so an element a
 kernel forgets to write fails. Low precision passes at <= 2x eager PyTorch's own error in that dtype.
 """
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -78,6 +80,7 @@ def check_against_reference(backend, shape, groups, has_temb, has_w, has_b, act,
             if e is not None:
                 e.data.copy_(m.detach())
         eager = run(group_norm_silu_reference, eager_in, groups, act, grad_out.to(dtype))
+        eager = (eager[0].to(dtype), eager[1])  # what eager returns in x's dtype (fp32 params promote)
     with use_backend(backend, "group_norm_silu"):
         out, grads = run(group_norm_silu, test, groups, act, grad_out.to(dtype))
     assert out.dtype == dtype and out.shape == shape
@@ -307,3 +310,65 @@ def test_cuda_ext_unaligned_storage_offset(layout):
     with use_backend("cuda_ext", "group_norm_silu"):
         out = group_norm_silu(x, 8)
     testing.assert_close_to_reference(out, ref, group_norm_silu_reference(x, 8))
+
+
+# ============================================================ CUDA kernels, emulated on the CPU (no GPU needed)
+CU_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "group_norm",
+                         "group_norm_silu.cu")
+
+# (shape, groups, layout, dtype, param dtype, temb, weight, bias, act, storage offset): vector and scalar paths,
+# several chunks per sample, N == 1 (dweight written by the finalize kernel) and N > 1 (column-sum kernel),
+# NHWC with more channel vectors than threads (C=1030 fp32: scalar path, 1030 > 256 vectors)
+EMULATED = [
+    ((1, 6, 5, 7), 3, "nchw", torch.float32, None, True, True, True, True, False),
+    ((2, 16, 4, 4), 4, "channels_last", torch.float16, None, True, True, True, True, False),
+    ((2, 16, 8, 8), 4, "nchw", torch.bfloat16, None, False, False, False, False, False),
+    ((1, 64, 32, 32), 32, "nchw", torch.bfloat16, None, True, True, True, True, False),
+    ((1, 64, 32, 32), 32, "channels_last", torch.bfloat16, torch.float32, True, True, True, True, False),
+    ((3, 8, 9), 2, "channels_last", torch.float32, None, True, True, False, True, False),
+    ((1, 16, 8, 8), 4, "channels_last", torch.float16, None, True, True, True, True, True),
+    ((1, 1030, 2, 2), 10, "channels_last", torch.float32, None, True, True, True, True, False),
+]
+
+
+@pytest.fixture(scope="module")
+def emulated_cuda_ops():
+    import cuda_emulation
+
+    reason = cuda_emulation.available()
+    if reason:
+        pytest.skip(f"CUDA emulation unavailable: {reason}")
+    torch.ops.load_library(cuda_emulation.build(CU_SOURCE))
+    return torch.ops.nitrokernels_emu
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(len(EMULATED)))
+def test_cuda_kernels_emulated_on_cpu(case, emulated_cuda_ops):
+    """csrc/group_norm/group_norm_silu.cu, every kernel, run thread by thread on the CPU against float64."""
+    shape, groups, layout, dtype, pdtype, has_t, has_w, has_b, act, offset = EMULATED[case]
+    masters, (x, w, b, t) = make_inputs(shape, groups, has_t, has_w, has_b, torch.device("cpu"), dtype, layout, pdtype)
+    x, w, b, t = [v.detach() if v is not None else None for v in (x, w, b, t)]
+    if offset:  # start 1 element into the storage: not 16-byte aligned, the scalar path
+        storage = torch.empty(x.numel() + 1, dtype=dtype)
+        shifted = torch.as_strided(storage, x.shape, x.stride(), storage_offset=1)
+        shifted.copy_(x)
+        x = shifted
+    grad_out = testing.random_tensor(shape, dtype=dtype).to(torch.float64)
+    dy = torch.empty_strided(x.shape, x.stride(), dtype=dtype)
+    dy.copy_(grad_out)
+    out, mean, rstd = emulated_cuda_ops.group_norm_silu_fwd(x, w, b, t, groups, 1e-5, act)
+    dx, dw, db, dt = emulated_cuda_ops.group_norm_silu_bwd(dy, x, w, b, t, mean, rstd, groups, act)
+    assert out.stride() == x.stride() and dx.stride() == x.stride()
+    act_name = "silu" if act else None
+    ref_out, ref_grads = run(group_norm_silu_reference, masters, groups, act_name, grad_out)
+    eager = None
+    if dtype != torch.float32:
+        eager_in = [m.detach().to(v.dtype).requires_grad_() if m is not None else None
+                    for m, v in zip(masters, (x, w, b, t))]
+        eager = run(group_norm_silu_reference, eager_in, groups, act_name, grad_out.to(dtype))
+        eager = (eager[0].to(dtype), eager[1])  # what eager returns in x's dtype (fp32 params promote)
+    testing.assert_close_to_reference(out, ref_out, eager[0] if eager else None, name="out")
+    mine = [g for g, m in zip((dx, dw, db, dt), masters) if m is not None]
+    for i, (g, r) in enumerate(zip(mine, ref_grads)):
+        testing.assert_close_to_reference(g, r, eager[1][i] if eager else None, name=f"grad {i}")
