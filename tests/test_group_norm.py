@@ -150,6 +150,22 @@ def test_temb_shapes_broadcast(temb_shape, device):
     testing.assert_close_to_reference(gt, rt)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_spatial_dims(backend, device):
+    """(N, C) input: every group is Cg values of one sample."""
+    check_against_reference(backend, (3, 32), 4, True, True, True, "silu", device, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 4, 4), (2, 6, 0, 3)])
+def test_empty_inputs(shape, device):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    w = torch.ones(6, device=device, requires_grad=True)
+    out = group_norm_silu(x, 3, w, temb=torch.zeros(shape[0], 6, device=device))
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and (w.grad == 0).all()
+
+
 def test_float64_runs_eager_by_default():
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
     assert gn_ops.GROUP_NORM_SILU.select(x, None, None, None, 2, 1e-5, True).backend == "eager"

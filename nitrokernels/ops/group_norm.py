@@ -107,11 +107,17 @@ class _Eager:
         y = x.to(stat_dtype)
         if temb is not None:
             y = y + temb.to(stat_dtype).reshape(n, c, *([1] * (x.dim() - 2)))
+        if y.numel() == 0:  # empty batch or empty spatial dims: no statistics to speak of
+            zeros = x.new_zeros((n, num_groups), dtype=torch.float32)
+            return result, zeros, zeros.clone()
         var, mean = torch.var_mean(y.reshape(n, num_groups, -1), dim=-1, unbiased=False)
         rstd = torch.rsqrt(var + eps)
         return result, mean.float(), rstd.float()
 
     def backward(self, dout, x, weight, bias, temb, mean, rstd, num_groups, eps, act):
+        if x.numel() == 0:  # sums over nothing are zero (autograd through group_norm would give NaN here)
+            return (_empty_like_layout(x),) + tuple(None if t is None else torch.zeros_like(t)
+                                                    for t in (weight, bias, temb))
         ct = self._compute_dtype(x, weight, bias, temb)
         inputs = [t.detach().requires_grad_(True) if t is not None else None for t in (x, weight, bias, temb)]
         with torch.enable_grad():
@@ -166,7 +172,9 @@ def _common_kernel_reasons(x, weight, bias, temb) -> list[str]:
         reasons.append(f"dtype {x.dtype} (kernels take float16 / bfloat16 / float32)")
     if not _param_dtypes_ok(x, weight, bias, temb):
         reasons.append("weight / bias / temb dtype is neither x's dtype nor float32")
-    if x.shape[0] and x.numel() // x.shape[0] > _INT32_MAX:
+    if x.numel() == 0:
+        reasons.append("empty tensor (nothing to launch)")
+    elif x.numel() // x.shape[0] > _INT32_MAX:
         reasons.append("more than 2**31 elements per sample")
     return reasons
 
