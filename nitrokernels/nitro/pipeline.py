@@ -19,6 +19,7 @@ UNet / VAE blocks and (optionally) CUDA-graph replay of the UNet and the VAE dec
 * `cuda_graph=True` replays CUDA graphs (nitrokernels.graphed) of the UNet forward and the VAE decode: one capture
   per input signature (batch, resolution, dtype), shared by every step of every step count (the timestep is a
   graph input). Calls with extras the graphs do not cover (ControlNet residuals, attention masks, ...) run eager.
+  A float16 VAE that diffusers would upcast around each decode (force_upcast, as SDXL's) is kept in float32.
 
 `make_random_sdxl_pipeline` builds random-weight SDXL-shaped pipelines ("tiny" for tests, "sdxl" for benchmarks)
 with a small local CLIP vocabulary, so nothing here needs a download.
@@ -168,9 +169,10 @@ class _DecodeCall(nn.Module):
         super().__init__()
         self.vae = vae
         self._decode = decode
+        self._dtype = vae.dtype
 
     def forward(self, z):
-        return self._decode(z, return_dict=False)[0]
+        return self._decode(z.to(self._dtype), return_dict=False)[0]
 
 
 class GraphedPipelineParts:
@@ -270,6 +272,11 @@ def prepare_pipeline(pipe, *, shift: Union[int, float] = 250, patch: bool = True
         device = pipe.unet.device
         if device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the pipeline on a CUDA device, it is on {device}")
+        vae = pipe.vae
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            # diffusers would cast this VAE to float32 around every decode, moving its weights away from the
+            # captured graph; keep it in float32 instead (the graphed decode casts the latents).
+            nn.Module.to(vae, dtype=torch.float32)
         pipe.nitro_graphs = GraphedPipelineParts(pipe)
     return pipe
 
