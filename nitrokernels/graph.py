@@ -23,8 +23,10 @@ What it refuses (with an error that says why)
   * Calling it while another CUDA graph is being captured, and unhashable non-tensor arguments.
   * Replays after the module's parameters or buffers moved to new memory (`module.to(...)`, `.half()`):
     the graph would read the old storage. Call `.reset()` to drop the graphs and capture again.
-    (Assigning new Parameter objects is not detected; in-place updates -- optimizer steps,
-    `load_state_dict` -- are seen by the replays, as they write the captured storage.)
+    Assigning new Parameter objects is not detected. In-place updates (optimizer steps, `load_state_dict`)
+    write the captured storage, so replays see them -- except through tensors the forward derived from the
+    weights and cached, such as a patched model's fused QKV weights (NitroAttnProcessor, inference): after
+    changing the weights of a patched model, call `.reset()`.
 
 Outputs: with `clone_outputs=True` (default) every call returns fresh tensors. With `clone_outputs=False` it
 returns the graph's static output buffers themselves (no copy, fastest): they are overwritten by the next

@@ -16,7 +16,7 @@ What is patched (each block is decided on its own; one unsupported block does no
     `conv_norm_out` + `conv_act` pair of UNet2DConditionModel and the VAE Encoder / Decoder becomes one
     `GroupNormSiLU` (sharing the GroupNorm's parameters) followed by an Identity -- only where the owner's
     forward is diffusers' own (so the pair is known to run back to back) and the pair is exactly
-    `nn.GroupNorm(affine=True)` then `nn.SiLU`.
+    `nn.GroupNorm` then `nn.SiLU`.
 A block is skipped when forward hooks on the modules that the fused path bypasses would silently stop
 firing. State-dict keys do not change, so a patched model saves and loads like the original.
 
@@ -129,11 +129,11 @@ def _hooks(module: nn.Module) -> bool:
                 or getattr(module, "_backward_pre_hooks", None))
 
 
-def _hooked_below(module: nn.Module, include_self: bool) -> str | None:
+def _hooked_below(module: nn.Module) -> str | None:
     """Path of a module at or under `module` that carries hooks (they would stop firing), or None."""
     for name, sub in module.named_modules():
-        if (name or include_self) and _hooks(sub):
-            return name or "<itself>"
+        if _hooks(sub):
+            return name or "the module itself"
     return None
 
 
@@ -150,41 +150,37 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> Callable[[], None]:
     return lambda: setattr(parent, name, old)
 
 
-@dataclass
-class _Action:
-    path: str
-    what: str
-    reason: str | None          # None: supported
-    apply: Callable[[], Callable[[], None] | None] | None = None   # returns its undo (or None: batched)
-
-
 class _Planner:
-    """Decides every block first (so strict mode changes nothing before it raises), then applies."""
+    """Decides every block first (so strict mode changes nothing before it raises), then applies.
+
+    `rows`: the report, one (path, what, reason or None) per candidate block. `steps`: what to apply, each a
+    callable that changes the model and returns its undo."""
 
     def __init__(self, model: nn.Module, caller: str):
         self.model = model
         self.caller = caller
-        self.actions: list[_Action] = []
+        self.rows: list[tuple[str, str, str | None]] = []
+        self.steps: list[Callable[[], Callable[[], None]]] = []
 
-    def add(self, path, what, reason, apply=None):
-        self.actions.append(_Action(path, what, reason, apply))
+    def add(self, path: str, what: str, reason: str | None, apply=None):
+        self.rows.append((path, what, reason))
+        if reason is None and apply is not None:
+            self.steps.append(apply)
 
     # ------------------------------------------------------------------------------------------ attention
-    def plan_attention(self) -> Callable[[], Callable[[], None]] | None:
+    def plan_attention(self):
         from nitrokernels.nn.attention import NitroAttnProcessor
 
-        check = getattr(NitroAttnProcessor, "unsupported_reason", None)
         chosen: dict[str, nn.Module] = {}
         for path, module in self.model.named_modules():
             if not (hasattr(module, "set_processor") and hasattr(module, "get_processor")):
                 continue
-            reason = _attention_reason(module, check)
+            reason = _attention_reason(module, NitroAttnProcessor)
             self.add(path, "attention", reason)
             if reason is None:
                 chosen[path] = module
-        if not chosen:
-            return None
-        return lambda: _install_processors(self.model, chosen, NitroAttnProcessor)
+        if chosen:  # one step for all of them: the model's set_attn_processor takes them together
+            self.steps.append(lambda: _install_processors(self.model, chosen, NitroAttnProcessor))
 
     # ---------------------------------------------------------------------------------------------- geglu
     def plan_geglu(self):
@@ -196,7 +192,7 @@ class _Planner:
             reason = None
             if type(module) is not GEGLU:
                 reason = f"{type(module).__name__} subclasses GEGLU (its forward may differ)"
-            elif (hooked := _hooked_below(module, include_self=True)) is not None:
+            elif (hooked := _hooked_below(module)) is not None:
                 reason = f"hooks on {hooked} would be bypassed"
             if reason is not None:
                 self.add(path, "geglu", reason)
@@ -214,9 +210,7 @@ class _Planner:
 
         for path, module in self.model.named_modules():
             if isinstance(module, ResnetBlock2D):
-                reason = resnet_block_unsupported_reason(module)
-                if reason is None and (hooked := _hooked_below(module, include_self=False)) is not None:
-                    reason = f"hooks on submodule {hooked} would be bypassed by the fused forward"
+                reason = resnet_block_unsupported_reason(module)  # hooks on bypassed modules included
                 self.add(path, "resnet", reason, None if reason else (lambda m=module: fuse_resnet_block(m)))
             if type(module).forward in _NORM_ACT_FORWARDS:
                 self._plan_norm_act(path, module)
@@ -232,8 +226,6 @@ class _Planner:
         reason = None
         if type(norm) is not nn.GroupNorm:
             reason = f"conv_norm_out is {type(norm).__name__}, not nn.GroupNorm"
-        elif not norm.affine:
-            reason = "conv_norm_out has no affine parameters"
         elif type(act) is not nn.SiLU:
             reason = f"conv_act is {type(act).__name__}, not nn.SiLU"
         elif _hooks(norm) or _hooks(act):
@@ -242,69 +234,61 @@ class _Planner:
             self.add(where, "group_norm_silu", reason)
             return
 
-        def apply(owner=owner, norm=norm, prefix=prefix):
-            fused = GroupNormSiLU(norm.num_groups, norm.num_channels, eps=norm.eps, affine=True, act="silu")
-            fused.weight, fused.bias = norm.weight, norm.bias  # share the Parameters (same state-dict keys)
-            fused.train(norm.training)
-            undo_norm = _replace(self.model, f"{prefix}conv_norm_out", fused)
+        def apply(norm=norm, prefix=prefix):
+            # shares the GroupNorm's Parameters: the same state-dict keys, gradients land on the originals
+            undo_norm = _replace(self.model, f"{prefix}conv_norm_out", GroupNormSiLU.from_group_norm(norm))
             undo_act = _replace(self.model, f"{prefix}conv_act", nn.Identity())
             return lambda: (undo_act(), undo_norm())
 
         self.add(where, "group_norm_silu", None, apply)
 
     # ---------------------------------------------------------------------------------------------- run
-    def run(self, strict: bool, batched: list[Callable[[], Callable[[], None]] | None]) -> PatchHandle:
-        unsupported = [a for a in self.actions if a.reason is not None]
+    def run(self, strict: bool) -> PatchHandle:
+        unsupported = [(path, what, reason) for path, what, reason in self.rows if reason is not None]
         if strict and unsupported:
-            lines = "\n".join(f"  {a.what} {a.path or '<root>'}: {a.reason}" for a in unsupported)
+            lines = "\n".join(f"  {what} {path or '<root>'}: {reason}" for path, what, reason in unsupported)
             raise UnsupportedBlockError(f"{self.caller}(strict=True): {len(unsupported)} block(s) cannot be patched "
                                         f"(nothing was changed):\n{lines}")
         handle = PatchHandle(self.model)
         try:
-            for step in batched:
-                if step is not None:
-                    handle._undo.append(step())
-            for action in self.actions:
-                if action.reason is None and action.apply is not None:
-                    handle._undo.append(action.apply())
+            for apply in self.steps:
+                handle._undo.append(apply())
         except BaseException:
             handle.revert()
             raise
-        handle.report = [(a.path, a.what, PATCHED if a.reason is None else a.reason) for a in self.actions]
+        handle.report = [(path, what, reason or PATCHED) for path, what, reason in self.rows]
         for module in self.model.modules():
             _LIVE[module] = handle
-        for path, what, status in handle.skipped:
-            log.info("%s: skipped %s %s: %s", self.caller, what, path or "<root>", status)
-        if handle.skipped:
+        for path, what, reason in unsupported:
+            log.info("%s: skipped %s %s: %s", self.caller, what, path or "<root>", reason)
+        if unsupported:
             log.warning("%s: patched %d block(s), skipped %d (see handle.report / handle.summary())",
-                        self.caller, len(handle.patched), len(handle.skipped))
+                        self.caller, len(handle.patched), len(unsupported))
         return handle
 
 
-def _attention_reason(attn: nn.Module, check) -> str | None:
-    processor = attn.get_processor()
+def _attention_reason(attn: nn.Module, processor_cls) -> str | None:
     if not isinstance(attn, Attention):
         return f"{type(attn).__name__} is not diffusers' Attention"
-    if attn.added_kv_proj_dim is not None:
-        return "added-KV attention (added_kv_proj_dim is set)"
+    reason = processor_cls.unsupported_reason(attn)  # module structure the processor cannot reproduce
+    if reason:
+        return reason
+    processor = attn.get_processor()
     if type(processor) not in _STOCK_PROCESSORS:
         return (f"processor {type(processor).__name__} is not AttnProcessor2_0 / AttnProcessor "
                 f"(custom processors are kept)")
     if getattr(attn, "fused_projections", False):
         return "QKV projections are fused (fuse_qkv_projections)"
     if type(processor) is AttnProcessor2_0 and attn.scale != (attn.inner_dim // attn.heads) ** -0.5:
-        # AttnProcessor2_0 always uses SDPA's default 1/sqrt(head_dim), whatever attn.scale says.
-        return f"AttnProcessor2_0 ignores attn.scale={attn.scale} (scale_qk=False); kept for equivalence"
-    if check is not None:
-        reason = check(attn)
-        if reason:
-            return reason
+        # AttnProcessor2_0 always uses SDPA's default 1/sqrt(head_dim); NitroAttnProcessor uses attn.scale.
+        return f"AttnProcessor2_0 ignores attn.scale={attn.scale:g} (scale_qk=False); kept for equivalence"
     return None
 
 
 def _install_processors(model: nn.Module, chosen: dict[str, nn.Module], processor_cls) -> Callable[[], None]:
     """Give each chosen Attention module a NitroAttnProcessor; returns the undo (originals put back)."""
     originals = {path: module.get_processor() for path, module in chosen.items()}
+    processor = processor_cls()  # one instance serves every module (its state is keyed per module)
     if hasattr(model, "set_attn_processor") and hasattr(model, "attn_processors"):
         current = model.attn_processors
         keys = {f"{path}.processor": path for path in chosen}
@@ -312,7 +296,7 @@ def _install_processors(model: nn.Module, chosen: dict[str, nn.Module], processo
         if not missing:
             new = dict(current)
             for key in keys:
-                new[key] = processor_cls()
+                new[key] = processor
             model.set_attn_processor(new)
 
             def undo():
@@ -323,7 +307,7 @@ def _install_processors(model: nn.Module, chosen: dict[str, nn.Module], processo
 
             return undo
     for module in chosen.values():  # no set_attn_processor on this model (or unexpected naming): per module
-        module.set_processor(processor_cls())
+        module.set_processor(processor)
 
     def undo_each():
         for path, module in chosen.items():
@@ -347,14 +331,13 @@ def _patch(model: nn.Module, caller: str, *, attention: bool, group_norm: bool, 
         raise TypeError(f"{caller}: expected a diffusers model (nn.Module), got {type(model).__name__}")
     _refuse_if_patched(model, caller)
     planner = _Planner(model, caller)
-    batched = []
     if attention:
-        batched.append(planner.plan_attention())
+        planner.plan_attention()
     if geglu:
         planner.plan_geglu()
     if group_norm:
         planner.plan_group_norm()
-    return planner.run(strict, batched)
+    return planner.run(strict)
 
 
 def patch_unet(unet: nn.Module, attention: bool = True, group_norm: bool = True, geglu: bool = True,
