@@ -1,10 +1,10 @@
 """Run a csrc/**/*.cu file's kernels on the CPU, to test CUDA C++ kernel logic where there is no GPU.
 
 `build(cu_path)` rewrites the source for the host compiler and returns a shared library to load with
-`torch.ops.load_library`; the ops then appear as torch.ops.<namespace>.* (default "nitrokernels_emu") for CPU
-tensors. Every CUDA thread of a block becomes a std::thread (blocks run one after another), so
-__syncthreads (std::barrier per block), warp shuffles (a barrier per warp) and static / dynamic shared memory
-behave as on a GPU, including races between threads. The rewrite: kernel<<<grid, block, smem, stream>>>(...)
+`torch.ops.load_library`; the ops then appear as torch.ops.<namespace>.* (default emu_<file stem>, e.g.
+torch.ops.emu_group_norm_silu) for CPU tensors. Every CUDA thread of a block becomes a std::thread (blocks run
+one after another), so __syncthreads (std::barrier per block), warp shuffles (a barrier per warp) and static /
+dynamic shared memory behave as on a GPU, including races between threads. The rewrite: kernel<<<grid, block, smem, stream>>>(...)
 becomes emu::launch(...); CUDA headers, device guards and streams are dropped; TORCH_LIBRARY_FRAGMENT
 (nitrokernels_cuda) becomes TORCH_LIBRARY(<namespace>) with CPU kernels. Kernels must declare dynamic shared
 memory through NK_DYNAMIC_SMEM(name) and use only 1-D grids and blocks.
@@ -57,7 +57,8 @@ void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, void (*kernel)(P..
     std::barrier<> bar(threads);
     block_barrier = &bar;
     warp_barriers.clear();
-    for (int w = 0; w * 32 < threads; ++w) warp_barriers.emplace_back(new std::barrier<>(std::min(32, threads - w * 32)));
+    for (int w = 0; w * 32 < threads; ++w)
+      warp_barriers.emplace_back(new std::barrier<>(std::min(32, threads - w * 32)));
     std::vector<std::thread> pool;
     for (int t = 0; t < threads; ++t)
       pool.emplace_back([&, t, b] {
@@ -123,9 +124,15 @@ def transform(source: str, namespace: str) -> str:
     return PRELUDE + s
 
 
-def build(cu_path: str, build_dir: str | None = None, namespace: str = "nitrokernels_emu") -> str:
+def default_namespace(cu_path: str) -> str:
+    """torch.ops namespace of a source's emulated ops: emu_<file stem> (one TORCH_LIBRARY per namespace)."""
+    return "emu_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(cu_path))[0])
+
+
+def build(cu_path: str, build_dir: str | None = None, namespace: str | None = None) -> str:
     """Compile (once per source text; cached in build_dir) and return the path of the shared library."""
     build_dir = build_dir or os.path.join(tempfile.gettempdir(), "nitrokernels_cuda_emu")
+    namespace = namespace or default_namespace(cu_path)
     src = transform(open(cu_path).read(), namespace)
     os.makedirs(build_dir, exist_ok=True)
     tag = hashlib.sha1(src.encode()).hexdigest()[:12]
@@ -138,7 +145,8 @@ def build(cu_path: str, build_dir: str | None = None, namespace: str = "nitroker
         cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-pthread", cpp,
                f"-I{inc}", f"-I{os.path.join(inc, 'torch', 'csrc', 'api', 'include')}",
                f"-I{sysconfig.get_paths()['include']}", f"-L{os.path.join(tdir, 'lib')}", "-lc10", "-ltorch_cpu",
-               f"-Wl,-rpath,{os.path.join(tdir, 'lib')}", "-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch._C._GLIBCXX_USE_CXX11_ABI))]
+               f"-Wl,-rpath,{os.path.join(tdir, 'lib')}",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
         proc = subprocess.run(cmd + ["-o", so + ".tmp"], capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"emulated build of {cu_path} failed:\n{proc.stderr[-6000:]}")

@@ -355,7 +355,7 @@ def emulated_cuda_ops():
     if reason:
         pytest.skip(f"CUDA emulation unavailable: {reason}")
     torch.ops.load_library(cuda_emulation.build(CU_SOURCE))
-    return torch.ops.nitrokernels_emu
+    return getattr(torch.ops, cuda_emulation.default_namespace(CU_SOURCE))
 
 
 @pytest.mark.slow

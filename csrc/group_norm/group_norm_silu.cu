@@ -740,7 +740,10 @@ finalize_bwd(const float* __restrict__ pa, const float* __restrict__ pb, const f
       }
       sa_out[n * C + c] = sa;
       sb_out[n * C + c] = sb;
-      if (dtemb != nullptr) store_param<T>(dtemb, dtemb_f32, n * C + c, r * (load_param<T>(w, c, 1.f) * sa - static_cast<float>(HW) * c1 - c2 * sx));
+      if (dtemb != nullptr) {
+        const float wa = load_param<T>(w, c, 1.f) * sa;
+        store_param<T>(dtemb, dtemb_f32, n * C + c, r * (wa - static_cast<float>(HW) * c1 - c2 * sx));
+      }
       if (direct) {
         if (dw != nullptr) store_param<T>(dw, dw_f32, c, sb);
         if (db != nullptr) store_param<T>(db, db_f32, c, sa);
@@ -905,27 +908,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd(const at::Ten
       if (!nhwc) {
         const int64_t rows = N * C;
         const int64_t blocks = ceil_div(rows * p.K, kWarpsPerBlock);
-        stats_nchw<T, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(xp, pmean.data_ptr<float>(), pm2.data_ptr<float>(), rows,
-                                                          C, p.HW, p.K, p.L);
+        stats_nchw<T, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            xp, pmean.data_ptr<float>(), pm2.data_ptr<float>(), rows, C, p.HW, p.K, p.L);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         finalize_fwd<T><<<static_cast<unsigned>(N * num_groups), kThreads, 0, stream>>>(
             pmean.data_ptr<float>(), pm2.data_ptr<float>(), pt, pw, pb, mean.data_ptr<float>(),
             rstd.data_ptr<float>(), cp, C, p.HW, num_groups, p.CG, p.K, p.L, static_cast<float>(eps));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        apply_nchw<T, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(xp, yp, cp, rows, p.HW, p.K, p.L, act);
+        apply_nchw<T, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(xp, yp, cp, rows, p.HW, p.K, p.L,
+                                                                                act);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
         const int64_t blocks = N * p.K;
         const int threads = p.VX * p.RP;
         const size_t smem = sizeof(float) * 2 * p.RP * p.VX * V;
-        stats_nhwc<T, V><<<static_cast<unsigned>(blocks), threads, smem, stream>>>(xp, pmean.data_ptr<float>(), pm2.data_ptr<float>(), C,
-                                                            p.HW, p.K, p.L, p.VX, p.RP);
+        stats_nhwc<T, V><<<static_cast<unsigned>(blocks), threads, smem, stream>>>(
+            xp, pmean.data_ptr<float>(), pm2.data_ptr<float>(), C, p.HW, p.K, p.L, p.VX, p.RP);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         finalize_fwd<T><<<static_cast<unsigned>(N * num_groups), kThreads, 0, stream>>>(
             pmean.data_ptr<float>(), pm2.data_ptr<float>(), pt, pw, pb, mean.data_ptr<float>(),
             rstd.data_ptr<float>(), cp, C, p.HW, num_groups, p.CG, p.K, p.L, static_cast<float>(eps));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        apply_nhwc<T, V><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(xp, yp, cp, C, p.HW, p.K, p.L, p.VX, p.RP, act);
+        apply_nhwc<T, V><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(xp, yp, cp, C, p.HW, p.K, p.L, p.VX,
+                                                                                p.RP, act);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     };
