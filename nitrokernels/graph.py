@@ -10,7 +10,9 @@ What it does
   * The signature of a call -- the argument structure, each tensor's shape / dtype / device / strides, every
     non-tensor argument's value (it was baked into the graph), and `module.training` -- selects the graph.
     A new signature captures a new graph; the last `max_graphs` are kept (least recently used evicted).
-    Pass values that change between calls (e.g. the timestep) as tensors, or each value captures a graph.
+    Pass values that change between calls (e.g. a UNet's timestep) as CUDA tensors: a Python number is a
+    constant of the graph (each value captures another one), and diffusers turns an int timestep into a CUDA
+    tensor inside the forward, a host-to-device copy that cannot be captured.
   * Before capture the forward runs `warmup` times on a side stream (as torch's CUDA-graph docs require;
     this is also where Triton kernels compile and autotune), then once more under capture.
   * All graphs of one GraphedModule share one memory pool, which is safe because they are replayed one at a
@@ -183,8 +185,15 @@ class GraphedModule:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                static_output = self.module(*static_args, **static_kwargs)
+            try:
+                with torch.cuda.graph(graph, pool=self._pool):
+                    static_output = self.module(*static_args, **static_kwargs)
+            except RuntimeError as err:
+                raise RuntimeError(
+                    f"graphed: capturing {type(self.module).__name__}'s forward in a CUDA graph failed: {err}\n"
+                    "The forward must not synchronise with the host during capture: no .item() / .cpu() / "
+                    "printing of CUDA values, no CUDA tensors built from Python numbers (pass e.g. a UNet's "
+                    "timestep as a CUDA tensor, not an int), no data-dependent shapes.") from err
         self.captures += 1
         return _Captured(graph, static_inputs, static_output)
 

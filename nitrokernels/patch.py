@@ -329,6 +329,7 @@ def _patch(model: nn.Module, caller: str, *, attention: bool, group_norm: bool, 
            strict: bool) -> PatchHandle:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: expected a diffusers model (nn.Module), got {type(model).__name__}")
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: patch the module it compiles
     _refuse_if_patched(model, caller)
     planner = _Planner(model, caller)
     if attention:

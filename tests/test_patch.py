@@ -303,6 +303,17 @@ def test_compiled_patched_unet_has_no_graph_breaks_and_matches():
             assert_close(g, ref, name=f"compiled grad {i}")
 
 
+def test_patch_through_a_compiled_wrapper():
+    unet = make_unet("sd15")
+    compiled = torch.compile(unet, backend="aot_eager")
+    with nk.patch_unet(compiled) as handle:  # patches the wrapped module; paths are the model's own
+        assert not handle.skipped
+        assert handle.model is unet
+        assert not any(path.startswith("_orig_mod") for path, _, _ in handle.report)
+        assert all(type(p).__name__ == "NitroAttnProcessor" for p in unet.attn_processors.values())
+    assert all(type(p).__name__ != "NitroAttnProcessor" for p in unet.attn_processors.values())
+
+
 # ------------------------------------------------------------------------------------------------ VAE
 def make_vae() -> AutoencoderKL:
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
