@@ -137,6 +137,22 @@ def test_patched_unet_channels_last_inference():
     assert_close(out, ref, name="channels_last output")
 
 
+def test_patched_unet_with_encoder_attention_mask():
+    """A padding mask on the text tokens (cross-attention mask): the processor's mask semantics are kept."""
+    unet = make_unet("sd2").eval()
+    inputs = make_inputs("sd2")
+    mask = torch.ones(2, 7)
+    mask[0, 4:] = 0
+    mask[1, 1:3] = 0
+    with torch.no_grad():
+        ref = unet(**inputs, encoder_attention_mask=mask).sample
+        unmasked = unet(**inputs).sample
+        with nk.patch_unet(unet):
+            out = unet(**inputs, encoder_attention_mask=mask).sample
+    assert not torch.allclose(ref, unmasked, atol=1e-4)  # the mask matters for this input
+    assert_close(out, ref, name="masked output")
+
+
 def test_state_dict_unchanged_and_parameters_shared():
     unet = make_unet("sdxl")
     keys = list(unet.state_dict().keys())
