@@ -66,7 +66,7 @@ def train_teacher(steps: int, seed: int, batch_size: int = 64, lr: float = 1e-3,
             for src, dst in ((unet, ema_unet), (encoder, ema_encoder)):
                 for p_ema, p in zip(dst.parameters(), src.parameters()):
                     p_ema.lerp_(p, 1 - decay)
-        if step % 100 == 0 or step == steps - 1:
+        if step % 25 == 0 or step == steps - 1:
             log(f"teacher step {step + 1}/{steps}: loss {loss.item():.4f}  ({time.time() - start:.0f}s)")
     return ema_unet.eval(), ema_encoder.eval()
 

@@ -43,7 +43,6 @@ What the paper fixes and what we chose (every choice is a constructor argument):
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -440,10 +439,10 @@ class DynamicDiscriminator(nn.Module):
         """Discriminator loss of the sampled heads on real vs fake (both treated as constants; the backbone
         runs without autograd). Gradients go to the sampled heads only."""
         real, fake = real.detach(), fake.detach()
-        self._check_inputs("real", real, cond, uncond)
-        self._check_inputs("fake", fake, cond, uncond)
         if real.shape != fake.shape:
             raise ValueError(f"DynamicDiscriminator: real {tuple(real.shape)} and fake {tuple(fake.shape)} differ")
+        self._check_inputs("real", real, cond, uncond)
+        self._check_inputs("fake", fake, cond, uncond)
         selection = selection or self.sample(generator)
         cond_kinds, uncond_kinds = self._uses()
         out = DiscriminatorOutput(t_star=tuple(self.t_star[i] for i in selection.t_indices))
