@@ -18,6 +18,7 @@ Why a backend was skipped is logged at DEBUG on the "nitrokernels" logger and sh
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 import importlib.util
 import logging
@@ -46,7 +47,9 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:
+    # Cached: find_spec walks sys.path, too slow for a check that runs on every op call.
     return importlib.util.find_spec("triton") is not None
 
 
