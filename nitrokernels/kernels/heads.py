@@ -9,8 +9,8 @@ All sampled heads of ONE feature level run together, one layer depth per launch:
                                 GroupNorm-normalise + affine + SiLU while loading (scale/shift per
                                 (head, sample, channel)). Epilogue: + bias, store, and per-tile per-channel
                                 GroupNorm partial statistics (tile mean and centred sum of squares).
-            _final_fwd_kernel   the final k x k valid conv (k = S_D: one logit per sample; k = 1: per
-                                location) with the same fused input normalisation (a reduction, no GEMM).
+            _final_fwd_kernel   the final conv (k = S_D: valid conv to one logit per sample; k = 1: a logit
+                                per location) with the same fused input normalisation (a reduction, no GEMM).
   backward  _final_bwd_kernel   dLogits -> dA_D (elementwise), SiLU' -> dU_D, GroupNorm-backward partial
                                 sums, final-weight gradient partials.
             _gn_bwd_apply_kernel  dY = alpha * dU + beta * Y + delta   (per (head, sample, channel) coefs)
@@ -32,6 +32,8 @@ Under TRITON_INTERPRET=1, half-precision operands are upcast to fp32 before tl.d
 bf16 dot is wrong); the products are exact in fp32 so results are unchanged.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -69,7 +71,8 @@ def _conv_fwd_kernel(
     scale_ptr, shift_ptr,                              # [h, B, I] fp32: GroupNorm affine of Y_{d-1} (NORM)
     w_ptr, sw_p, sw_o, sw_c, sw_kh, sw_kw,             # pooled weights [P, O, I, 4, 4]
     bias_ptr, sb_p, sb_o,                              # pooled bias [P, O]
-    ids_ptr, P,
+    ids_ptr, P,                                        # pool rows of the sampled heads (bias, validity)
+    wrow_ptr,                                          # weight rows (= ids, or arange for gathered weights)
     y_ptr,                                             # out: [h, B, S_out, S_out, O]
     part_ptr,                                          # out: [h, B, T, O, 2] fp32 (tile mean, tile M2)
     B, S_in, S_out, I, O, T,
@@ -82,6 +85,7 @@ def _conv_fwd_kernel(
     b = pid_m // T
     t = pid_m % T
     pid, id_ok = _load_head_id(ids_ptr, head, P)
+    wrow = tl.where(id_ok, tl.load(wrow_ptr + head).to(tl.int64), 0)
     hb = (head * B + b).to(tl.int64)
 
     npix = S_out * S_out
@@ -93,27 +97,27 @@ def _conv_fwd_kernel(
     col_ok = cols < O
 
     x_base = x_ptr + head.to(tl.int64) * sx_head + b.to(tl.int64) * sx_b
-    w_base = w_ptr + pid * sw_p
+    w_base = w_ptr + wrow * sw_p
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for c0 in range(0, I, BKC):
-        cs = c0 + tl.arange(0, BKC)
+    # One flat (channel chunk, tap) loop: a single set of pipelined operand buffers (an unrolled tap loop
+    # would give every tl.dot its own shared-memory buffers).
+    for kk in range(0, tl.cdiv(I, BKC) * 16):
+        tap = kk % 16
+        cs = (kk // 16) * BKC + tl.arange(0, BKC)
         c_ok = cs < I
+        ih = 2 * oh - 1 + tap // 4
+        iw = 2 * ow - 1 + tap % 4
+        p_ok = row_ok & (ih >= 0) & (ih < S_in) & (iw >= 0) & (iw < S_in)
+        m = p_ok[:, None] & c_ok[None, :]
+        a = tl.load(x_base + ih[:, None] * sx_h + iw[:, None] * sx_w + cs[None, :] * sx_c, mask=m, other=0.0)
         if NORM:
             sc = tl.load(scale_ptr + hb * I + cs, mask=c_ok, other=0.0)
             sh = tl.load(shift_ptr + hb * I + cs, mask=c_ok, other=0.0)
-        w_mask = c_ok[:, None] & col_ok[None, :]
-        for tap in tl.static_range(16):
-            ih = 2 * oh - 1 + tap // 4
-            iw = 2 * ow - 1 + tap % 4
-            p_ok = row_ok & (ih >= 0) & (ih < S_in) & (iw >= 0) & (iw < S_in)
-            m = p_ok[:, None] & c_ok[None, :]
-            a = tl.load(x_base + ih[:, None] * sx_h + iw[:, None] * sx_w + cs[None, :] * sx_c, mask=m, other=0.0)
-            if NORM:
-                u = a.to(tl.float32) * sc[None, :] + sh[None, :]
-                a = tl.where(m, u * tl.sigmoid(u), 0.0).to(w_ptr.dtype.element_ty)
-            wt = tl.load(w_base + cols[None, :] * sw_o + cs[:, None] * sw_c + (tap // 4) * sw_kh + (tap % 4) * sw_kw,
-                         mask=w_mask, other=0.0)
-            acc = _mma(a, wt, acc, PREC, UPCAST)
+            u = a.to(tl.float32) * sc[None, :] + sh[None, :]
+            a = tl.where(m, u * tl.sigmoid(u), 0.0).to(w_ptr.dtype.element_ty)
+        wt = tl.load(w_base + cols[None, :] * sw_o + cs[:, None] * sw_c + (tap // 4) * sw_kh + (tap % 4) * sw_kw,
+                     mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mma(a, wt, acc, PREC, UPCAST)
 
     bias = tl.load(bias_ptr + pid * sb_p + cols * sb_o, mask=col_ok, other=0.0).to(tl.float32)
     acc = acc + bias[None, :]
@@ -139,41 +143,46 @@ def _final_fwd_kernel(
     w_ptr, sw_p, sw_c, sw_kh, sw_kw,                   # pooled final weight [P, 1, I, K, K]
     bias_ptr, sb_p,                                    # pooled final bias [P, 1]
     ids_ptr, P,
-    out_ptr,                                           # [h, B, S_out * S_out]
-    B, S, I, S_out,
-    K: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
+    out_ptr,                                           # [h, B] (GLOBAL) or [h, B, S, S]
+    B, S, I,
+    GLOBAL: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
 ):
+    """GLOBAL: K == S, valid conv to 1x1 -> tap index == pixel: z = sum_{q,c} a[q, c] * w[c, q] (T == 1).
+    Local (K == 1): z[q] = sum_c a[q, c] * w[c]."""
     pid_p = tl.program_id(0)
     b = tl.program_id(1)
     head = tl.program_id(2)
     pid, id_ok = _load_head_id(ids_ptr, head, P)
     hb = (head * B + b).to(tl.int64)
-    npo = S_out * S_out
-    rows = pid_p * BP + tl.arange(0, BP)
-    r_ok = rows < npo
-    oh = rows // S_out
-    ow = rows % S_out
-    y_base = y_ptr + hb * S * S * I
+    npix = S * S
+    q = pid_p * BP + tl.arange(0, BP)
+    q_ok = q < npix
     acc = tl.zeros((BP, BC), dtype=tl.float32)
     for c0 in range(0, I, BC):
         cs = c0 + tl.arange(0, BC)
         c_ok = cs < I
+        m = q_ok[:, None] & c_ok[None, :]
         sc = tl.load(scale_ptr + hb * I + cs, mask=c_ok, other=0.0)
         sh = tl.load(shift_ptr + hb * I + cs, mask=c_ok, other=0.0)
-        m = r_ok[:, None] & c_ok[None, :]
-        for tap in tl.static_range(K * K):
-            ih = oh + tap // K
-            iw = ow + tap % K
-            yv = tl.load(y_base + (ih * S + iw)[:, None] * I + cs[None, :], mask=m, other=0.0).to(tl.float32)
-            u = yv * sc[None, :] + sh[None, :]
-            a = (u * tl.sigmoid(u)).to(y_ptr.dtype.element_ty).to(tl.float32)
-            a = tl.where(m, a, 0.0)
-            wv = tl.load(w_ptr + pid * sw_p + cs * sw_c + (tap // K) * sw_kh + (tap % K) * sw_kw,
-                         mask=c_ok, other=0.0).to(tl.float32)
+        yv = tl.load(y_ptr + hb * npix * I + q[:, None] * I + cs[None, :], mask=m, other=0.0).to(tl.float32)
+        u = yv * sc[None, :] + sh[None, :]
+        a = tl.where(m, (u * tl.sigmoid(u)).to(y_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        if GLOBAL:
+            wv = tl.load(w_ptr + pid * sw_p + cs[None, :] * sw_c + (q // S)[:, None] * sw_kh + (q % S)[:, None] * sw_kw,
+                         mask=m, other=0.0).to(tl.float32)
+            acc += a * wv
+        else:
+            wv = tl.load(w_ptr + pid * sw_p + cs * sw_c, mask=c_ok, other=0.0).to(tl.float32)
             acc += a * wv[None, :]
-    z = tl.sum(acc, axis=1) + tl.load(bias_ptr + pid * sb_p).to(tl.float32)
-    z = tl.where(id_ok, z, float("nan"))
-    tl.store(out_ptr + hb * npo + rows, z.to(out_ptr.dtype.element_ty), mask=r_ok)
+    bias = tl.load(bias_ptr + pid * sb_p).to(tl.float32)
+    if GLOBAL:
+        z = tl.sum(tl.sum(acc, axis=1), axis=0) + bias
+        z = tl.where(id_ok, z, float("nan"))
+        tl.store(out_ptr + hb, z.to(out_ptr.dtype.element_ty))
+    else:
+        z = tl.sum(acc, axis=1) + bias
+        z = tl.where(id_ok, z, float("nan"))
+        tl.store(out_ptr + hb * npix + q, z.to(out_ptr.dtype.element_ty), mask=q_ok)
 
 
 @triton.jit
@@ -310,23 +319,22 @@ def _dgrad_class(gy_ptr, w_ptr, sw_p, sw_o, sw_c, sw_kh, sw_kw, ids_ptr, P, out_
         pid, id_ok = _load_head_id(ids_ptr, hh, P)
         gy_base = gy_ptr + (hh * B + b).to(tl.int64) * npo * O
         w_base = w_ptr + pid * sw_p
-        for o0 in range(0, O, BKO):
-            os_ = o0 + tl.arange(0, BKO)
+        for kk in range(0, tl.cdiv(O, BKO) * 4):     # flat (output-channel chunk, tap of this parity) loop
+            j = kk % 4
+            os_ = (kk // 4) * BKO + tl.arange(0, BKO)
             o_ok = os_ < O
-            w_mask = o_ok[:, None] & col_ok[None, :]
-            for j in tl.static_range(4):
-                kh = 1 - ph + 2 * (j // 2)          # the two kernel rows / columns with the right parity
-                kw = 1 - pw + 2 * (j % 2)
-                nh = qh + 1 - kh                    # = 2 * oh (even by construction)
-                nw = qw + 1 - kw
-                oh = nh // 2
-                ow = nw // 2
-                p_ok = row_ok & (nh >= 0) & (nw >= 0) & (oh < S_out) & (ow < S_out)
-                a = tl.load(gy_base + (oh * S_out + ow)[:, None] * O + os_[None, :],
-                            mask=p_ok[:, None] & o_ok[None, :], other=0.0)
-                wt = tl.load(w_base + os_[:, None] * sw_o + cols[None, :] * sw_c + kh * sw_kh + kw * sw_kw,
-                             mask=w_mask, other=0.0)
-                acc = _mma(a, wt, acc, PREC, UPCAST)
+            kh = 1 - ph + 2 * (j // 2)              # the two kernel rows / columns with the right parity
+            kw = 1 - pw + 2 * (j % 2)
+            nh = qh + 1 - kh                        # = 2 * oh (even by construction)
+            nw = qw + 1 - kw
+            oh = nh // 2
+            ow = nw // 2
+            p_ok = row_ok & (nh >= 0) & (nw >= 0) & (oh < S_out) & (ow < S_out)
+            a = tl.load(gy_base + (oh * S_out + ow)[:, None] * O + os_[None, :],
+                        mask=p_ok[:, None] & o_ok[None, :], other=0.0)
+            wt = tl.load(w_base + os_[:, None] * sw_o + cols[None, :] * sw_c + kh * sw_kh + kw * sw_kw,
+                         mask=o_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _mma(a, wt, acc, PREC, UPCAST)
         acc = tl.where(id_ok, acc, float("nan"))
 
     m = row_ok[:, None] & col_ok[None, :]
@@ -419,17 +427,52 @@ def _wgrad_tap(gy_ptr, x_ptr, sx_head, sx_b, sx_h, sx_w, sx_c, scale_ptr, shift_
 # GPU values are a reasonable default for Hopper/Ampere (untuned). The interpreter runs one program at a
 # time with a per-operation overhead, so it gets larger blocks (fewer programs / loop trips).
 # Tests set BLOCK_OVERRIDE to small values to exercise the multi-tile paths (stats combination, K loops).
-GPU_BLOCKS = dict(fwd_m=128, fwd_n=128, fwd_kc=32, fin_p=64, fin_c=64, dg_m=128, dg_n=128, dg_ko=32,
+GPU_BLOCKS = dict(fwd_m=128, fwd_n=128, fwd_kc=32, fin_p=64, fin_c=64, dg_m=128, dg_n=128, dg_n_epi=64, dg_ko=32,
                   dg_classes=1, wg_m=128, wg_n=128, wg_k=64, wg_taps=1, ew_q=64, ew_c=128)
-INTERPRETER_BLOCKS = dict(fwd_m=256, fwd_n=128, fwd_kc=64, fin_p=256, fin_c=128, dg_m=256, dg_n=128, dg_ko=64,
+INTERPRETER_BLOCKS = dict(fwd_m=256, fwd_n=128, fwd_kc=64, fin_p=256, fin_c=128, dg_m=256, dg_n=128, dg_n_epi=128,
+                          dg_ko=64,
                           dg_classes=4, wg_m=128, wg_n=128, wg_k=1024, wg_taps=16, ew_q=1024, ew_c=128)
+# fp32 dots run on FMA units (IEEE) with fp32 operands: smaller tiles keep them out of register spills.
+GPU_FP32_BLOCKS = dict(GPU_BLOCKS, fwd_m=64, fwd_n=64, fwd_kc=16, dg_m=64, dg_n=64, dg_n_epi=64, dg_ko=16,
+                       wg_m=64, wg_n=64, wg_k=16)
 BLOCK_OVERRIDE: dict[str, int] = {}
+_DTYPE = [torch.bfloat16]      # dtype of the launch being configured (set by the host functions)
 
 
 def _cap(name: str) -> int:
     if name in BLOCK_OVERRIDE:
         return BLOCK_OVERRIDE[name]
-    return (INTERPRETER_BLOCKS if triton_interpreting() else GPU_BLOCKS)[name]
+    if triton_interpreting():
+        return INTERPRETER_BLOCKS[name]
+    return (GPU_FP32_BLOCKS if _DTYPE[0] == torch.float32 else GPU_BLOCKS)[name]
+
+
+def weight_source() -> str:
+    """Where the conv kernels read weights from (NITROKERNELS_HEADS_WEIGHTS, read per call):
+
+    "pool"     (default) straight from the pooled [P, O, I, 4, 4] tensors, each head's rows gathered by id
+               inside the kernel; no copy. The GEMM operand is then a stride-16 gather (2-byte loads).
+    "gathered" per launch, the sampled heads' weights are first copied into [h, 4, 4, I, O] (contiguous
+               along the GEMM's N / K dims, 16-byte loads); costs one read + write of the sampled weights
+               and that much transient memory. Same kernels (they take any weight strides).
+    """
+    source = os.environ.get("NITROKERNELS_HEADS_WEIGHTS", "pool")
+    if source not in ("pool", "gathered"):
+        raise ValueError(f"NITROKERNELS_HEADS_WEIGHTS must be 'pool' or 'gathered', got {source!r}")
+    return source
+
+
+def _conv_weights(w: torch.Tensor, ids: torch.Tensor, ids_c: torch.Tensor, arange: torch.Tensor):
+    """(weights indexed [row, O, I, kh, kw], row ids) for the conv kernels, per `weight_source()`."""
+    if weight_source() == "pool":
+        return w, ids
+    gathered = w.index_select(0, ids_c).permute(0, 3, 4, 2, 1).contiguous()   # [h, 4, 4, I, O]
+    return gathered.permute(0, 4, 3, 1, 2), arange
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """The shared feature in channels-last memory (contiguous channel loads); no copy if it already is."""
+    return x if x.is_contiguous(memory_format=torch.channels_last) else x.contiguous(memory_format=torch.channels_last)
 
 
 def _np2(n: int) -> int:
@@ -446,11 +489,11 @@ def _dot_mode(dtype: torch.dtype) -> tuple[str, bool]:
     if dtype == torch.float32:
         tf32 = (not interp) and torch.get_float32_matmul_precision() != "highest"
         return ("tf32" if tf32 else "ieee"), False
-    return "ieee", interp
+    return "tf32", interp            # Triton's default; ignored for 16-bit operands
 
 
 def _warps(bm: int, bn: int) -> int:
-    return 8 if bm * bn >= 128 * 128 else 4
+    return 8 if bm * bn >= 128 * 64 else 4
 
 
 def _strides_bhwc(x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -530,10 +573,13 @@ def head_stack_forward(feature, conv_weights, conv_biases, norm_weights, norm_bi
     batch, channels, size, _ = feature.shape
     dtype, device = feature.dtype, feature.device
     prec, upcast = _dot_mode(dtype)
+    _DTYPE[0] = dtype
     pool = conv_weights[0].shape[0]
     ids_c = ids.long().clamp(0, pool - 1)
+    arange = torch.arange(h, device=device)
 
-    x, sx, sx_head = feature, _strides_bhwc(feature), 0
+    x = _channels_last(feature)
+    sx, sx_head = _strides_bhwc(x), 0
     scale = shift = feature                      # placeholders while the input is the raw feature
     s_in, c_in = size, channels
     ys, stats = [], []
@@ -548,8 +594,9 @@ def head_stack_forward(feature, conv_weights, conv_biases, norm_weights, norm_bi
         y = torch.empty((h, batch, s_out, s_out, c_out), dtype=dtype, device=device)
         part = torch.empty((h, batch, tiles, c_out, 2), dtype=torch.float32, device=device)
         grid = (batch * tiles, triton.cdiv(c_out, bn), h)
+        wk, wids = _conv_weights(w, ids, ids_c, arange)
         _conv_fwd_kernel[grid](
-            x, sx_head, *sx, scale, shift, w, *_w_strides(w), bias, bias.stride(0), bias.stride(1), ids, pool,
+            x, sx_head, *sx, scale, shift, wk, *_w_strides(wk), bias, bias.stride(0), bias.stride(1), ids, pool, wids,
             y, part, batch, s_in, s_out, c_in, c_out, tiles,
             NORM=d > 0, BM=bm, BN=bn, BKC=bkc, PREC=prec, UPCAST=upcast, num_warps=_warps(bm, bn), num_stages=3)
         st = _finish_stats(part, npix, bm, num_groups, eps)
@@ -561,15 +608,15 @@ def head_stack_forward(feature, conv_weights, conv_biases, norm_weights, norm_bi
         s_in, c_in = s_out, c_out
 
     k = final_weight.shape[-1]
-    s_fin = s_in - k + 1
-    out = torch.empty((h, batch, s_fin, s_fin) if k == 1 else (h, batch), dtype=dtype, device=device)
-    npo = s_fin * s_fin
-    bp = _clamp_block(npo, 16, "fin_p")
+    is_global = k != 1                      # validated: a global head's map is exactly k x k
+    out = torch.empty((h, batch) if is_global else (h, batch, s_in, s_in), dtype=dtype, device=device)
+    npix = s_in * s_in
+    bp = _np2(npix) if is_global else _clamp_block(npix, 16, "fin_p")
     bc = _clamp_block(c_in, 16, "fin_c")
-    _final_fwd_kernel[(triton.cdiv(npo, bp), batch, h)](
+    _final_fwd_kernel[(triton.cdiv(npix, bp), batch, h)](
         ys[-1], scale, shift, final_weight, final_weight.stride(0), final_weight.stride(2), final_weight.stride(3),
-        final_weight.stride(4), final_bias, final_bias.stride(0), ids, pool, out, batch, s_in, c_in, s_fin,
-        K=k, BP=bp, BC=bc, num_warps=4)
+        final_weight.stride(4), final_bias, final_bias.stride(0), ids, pool, out, batch, s_in, c_in,
+        GLOBAL=is_global, BP=bp, BC=bc, num_warps=4)
     return out, ys, stats
 
 
@@ -584,8 +631,10 @@ def head_stack_backward(grad_out, feature, conv_weights, conv_biases, norm_weigh
     batch, channels, size, _ = feature.shape
     dtype, device = feature.dtype, feature.device
     prec, upcast = _dot_mode(dtype)
+    _DTYPE[0] = dtype
     pool = conv_weights[0].shape[0]
     ids_c = ids.long().clamp(0, pool - 1)
+    arange = torch.arange(h, device=device)
     depth = len(conv_weights)
     grad_out = grad_out.contiguous()
 
@@ -631,8 +680,9 @@ def head_stack_backward(grad_out, feature, conv_weights, conv_biases, norm_weigh
         s_out = gy.shape[2]
         s_in = size if d == 0 else ys[d - 1].shape[2]
         if d == 0:
-            x, sx_head, sx = feature, 0, _strides_bhwc(feature)
-            scale = shift = feature
+            x = _channels_last(feature) if need_param_grads else feature
+            sx_head, sx = 0, _strides_bhwc(x)
+            scale = shift = x
         else:
             x = ys[d - 1]
             sx_head, sx = x.stride(0), (x.stride(1), x.stride(2), x.stride(3), x.stride(4))
@@ -652,15 +702,16 @@ def head_stack_backward(grad_out, feature, conv_weights, conv_biases, norm_weigh
             break
         hc = (s_in + 1) // 2
         bm = _clamp_block(hc * hc, 16, "dg_m")
-        bn = _clamp_block(c_in, 16, "dg_n")
+        bn = _clamp_block(c_in, 16, "dg_n" if d == 0 else "dg_n_epi")
         bko = _clamp_block(c_out, 16, "dg_ko")
         tiles = triton.cdiv(hc * hc, bm)
         classes = _cap("dg_classes")
         grid = (batch * (4 // classes) * tiles, triton.cdiv(c_in, bn), 1 if d == 0 else h)
-        if d == 0:
-            g_feature = torch.empty_like(feature)
+        wk, wids = _conv_weights(w, ids, ids_c, arange)
+        if d == 0:   # computed channels-last (contiguous stores), returned in the feature's layout
+            g_feature = torch.empty_like(feature, memory_format=torch.channels_last)
             _conv_dgrad_kernel[grid](
-                gy, w, *_w_strides(w), ids, pool, g_feature, *_strides_bhwc(g_feature),
+                gy, wk, *_w_strides(wk), wids, wk.shape[0], g_feature, *_strides_bhwc(g_feature),
                 gy, gy, gy, gy, gy, batch, s_in, s_out, c_in, c_out, h, tiles, 1, 1,
                 SHARED=True, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec, UPCAST=upcast, num_warps=_warps(bm, bn), num_stages=3)
         else:
@@ -668,7 +719,7 @@ def head_stack_backward(grad_out, feature, conv_weights, conv_biases, norm_weigh
             gu = torch.empty_like(y_prev)
             part = torch.empty((h, batch, 4 * tiles, c_in, 3), dtype=torch.float32, device=device)
             _conv_dgrad_kernel[grid](
-                gy, w, *_w_strides(w), ids, pool, gu, 0, 0, 0, 0,
+                gy, wk, *_w_strides(wk), wids, wk.shape[0], gu, 0, 0, 0, 0,
                 y_prev, scale, shift, stats[d - 1], part, batch, s_in, s_out, c_in, c_out, h, tiles,
                 num_groups, c_in // num_groups,
                 SHARED=False, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec, UPCAST=upcast, num_warps=_warps(bm, bn), num_stages=3)
@@ -683,4 +734,6 @@ def head_stack_backward(grad_out, feature, conv_weights, conv_biases, norm_weigh
         g_b = [g.to(p.dtype) for g, p in zip(g_b, conv_biases)]
     else:
         g_gamma, g_beta, g_b = [None] * depth, [None] * depth, [None] * depth
+    if g_feature is not None and not feature.is_contiguous(memory_format=torch.channels_last):
+        g_feature = torch.empty_like(feature).copy_(g_feature)     # the contract: the feature's layout
     return g_feature, g_w, g_b, g_gamma, g_beta, g_wf, g_bf
