@@ -1,4 +1,5 @@
-# The two commands of the README:  `make demo` (main job)  and  `make test` (test suite).
+# The two commands of the README:  `make demo` (main job)  and  `make test` (test suite; the GPU
+# benchmark suites are collected too, so a broken one fails CI, and skip without a GPU).
 PY ?= python3
 # CPU machines without torch get the CPU wheel; a GPU machine keeps the torch it has (see README).
 TORCH_SPEC ?= torch==2.13.0
@@ -15,7 +16,7 @@ demo: install
 	$(PY) -m nitrokernels demo
 
 test: install
-	$(PY) -m pytest tests -q -ra
+	$(PY) -m pytest tests benchmarks -q -ra
 
 # Everything but the slow end-to-end tests, for quick iteration.
 test-fast:
