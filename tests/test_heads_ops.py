@@ -6,6 +6,11 @@ their row sets are checked (unsampled heads have no entries).
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -315,6 +320,33 @@ def test_triton_declines_float64_and_says_why():
         head_stack(*args, ids, 4)
     out = head_stack(*args, ids, 4)               # dispatch falls back to eager
     torch.testing.assert_close(out, reference.head_stack_loop_reference(*args, ids, 4))
+
+
+# ============================================================================ sm_90 compile, no GPU
+H100_SHARED_LIMIT = 227 * 1024
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", ["pool", "gathered"])
+def test_kernels_compile_for_h100_without_spills(weights):
+    """Every launch head_stack makes at SDXL head shapes compiles for sm_90a, fits in shared memory, and (bf16)
+    does not spill registers. Runs tests/heads_sm90_compile.py in a subprocess (no interpreter, no GPU)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heads_sm90_compile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["NITROKERNELS_HEADS_WEIGHTS"] = weights
+    proc = subprocess.run([sys.executable, script, "bfloat16", "float32"], capture_output=True, text=True, env=env,
+                          timeout=1800)
+    if proc.returncode and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
+        pytest.skip("Triton's bundled ptxas is not available")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert {r["kernel"] for r in results} >= {"_conv_fwd_kernel", "_final_fwd_kernel", "_final_bwd_kernel",
+                                              "_gn_bwd_apply_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"}
+    for r in results:
+        what = f"{r['kernel']} {r['dtype']} {r['constexprs']}"
+        assert r["shared"] <= H100_SHARED_LIMIT, f"{what}: {r['shared']} bytes of shared memory"
+        assert r["spill_bytes"] <= (0 if r["dtype"] == "bfloat16" else 64), f"{what}: spills {r['spill_bytes']} B"
 
 
 # ====================================================================================== torch.compile
