@@ -350,6 +350,16 @@ def test_kernels_compile_for_h100_without_spills(weights):
 
 
 # ====================================================================================== torch.compile
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_opcheck(backend):
+    """torch.library.opcheck: schema, fake-tensor shapes/strides, autograd registration, AOT dispatch."""
+    args = leaves(make_pool(4, 5, 8, 16, 1, 4, 1))
+    op_args = (*args, torch.tensor([3, 1, 3]), 4, 1e-5)
+    with use_backend(backend, "head_stack"):
+        torch.library.opcheck(torch.ops.nitrokernels.head_stack_fwd.default, op_args)
+
+
+
 def test_torch_compile_fullgraph_eager_backend():
     args = make_pool(4, 5, 16, 16, 2, 1, 2)
     ids = torch.tensor([3, 1, 3])

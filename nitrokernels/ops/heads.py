@@ -11,10 +11,20 @@ head; the map after the convs must be exactly k x k) -> out [h, B]; k == 1 is a 
 out [h, B, S', S'] with S' = S // 2**len(conv_weights). Each stride-2 conv maps S to S // 2 (torch's rule).
 The definition is `reference.head_stack_loop_reference`.
 
-Gradients: `feature` gets a dense gradient summed over heads; every pooled parameter [P, ...] gets a SPARSE
-COO gradient with indices = ids (in call order, uncoalesced: repeated ids appear twice and sum on
-coalesce) and values = the per-sampled-head gradients, so unsampled heads get no entries and no dense
-[P, ...] zero tensor is ever made. Backward runs on the same backend rule as forward.
+Gradients: `feature` gets a dense gradient summed over heads (in the feature's memory layout); every pooled
+parameter [P, ...] that requires grad gets a SPARSE COO gradient [P, ...] with indices = ids (call order,
+uncoalesced: a repeated id appears twice and sums on coalesce) and values = the per-sampled-head gradients
+(parameter dtype), so unsampled heads get no entries and no dense [P, ...] zero tensor is ever made; across
+backward calls autograd accumulates them into param.grad (still sparse, uncoalesced). Inputs that do not
+require grad are skipped (no feature gradient GEMM when the feature is detached). Backward picks its backend
+by the same rule as forward, at backward time: both backends save the same tensors, so they can mix.
+
+Kept for backward: every layer's pre-norm conv output Y_d [h, B, S_d, S_d, O_d] (channels-last per head,
+input dtype) and its GroupNorm (mean, rstd) [h, B, G, 2] fp32 -- about a third of what the autograd loop
+keeps (conv input, GroupNorm input and output per layer). Normalised + SiLU activations are recomputed where
+they are read (next layer's loads, weight gradients), as are SiLU' and x-hat in the backward epilogues.
+NITROKERNELS_HEADS_WEIGHTS=gathered makes the Triton convs read a per-call [h, 4, 4, I, O] copy of the sampled
+weights instead of gathering from the pool inside the kernel (see kernels/heads.py: weight_source).
 
 Backends (see ops.dispatch): "triton" (kernels/heads.py: grouped implicit-GEMM kernels, weights gathered by
 id inside the kernels, GroupNorm statistics in the conv epilogues, normalise+SiLU fused into the next
