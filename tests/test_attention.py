@@ -359,3 +359,11 @@ def test_processor_under_torch_compile_fullgraph(device):
     (r,) = torch.autograd.grad(ref.sum(), hidden)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_custom_ops_pass_opcheck(device):
+    q, k, v = _qkv(1, 2, 9, 7, 16, torch.float32, device)
+    torch.library.opcheck(torch.ops.nitrokernels.flash_attn_fwd.default, (q, k, v, 0.25))
+    out, lse = torch.ops.nitrokernels.flash_attn_fwd(q.detach(), k.detach(), v.detach(), 0.25)
+    torch.library.opcheck(torch.ops.nitrokernels.flash_attn_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.25))

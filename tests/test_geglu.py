@@ -209,3 +209,11 @@ def test_from_diffusers_refuses_what_it_cannot_replace():
     odd.proj = torch.nn.Linear(16, 15)
     with pytest.raises(ValueError, match="even"):
         FusedGEGLU.from_diffusers(odd)
+
+
+def test_custom_ops_pass_opcheck(device):
+    x, w, b = _inputs((5,), 16, 16, torch.float32, device)
+    torch.library.opcheck(torch.ops.nitrokernels.geglu_fwd.default, (x, w, b, True))
+    torch.library.opcheck(torch.ops.nitrokernels.geglu_fwd.default, (x.detach(), w.detach(), None, False))
+    torch.library.opcheck(torch.ops.nitrokernels.geglu_bwd_act.default,
+                          (torch.randn(5, 16, device=device), torch.randn(5, 32, device=device)))
