@@ -63,7 +63,7 @@ def plain_diffusers(base, unet_file, device="cpu", dtype=torch.float32):
     return pipe
 
 
-def images(pipe, steps, seed=0, prompt=PROMPT, size=None):
+def images(pipe, steps, seed=0, prompt=PROMPT, size=32):
     return pipe(prompt, num_inference_steps=steps, guidance_scale=0.0, output_type="pt", height=size, width=size,
                 generator=torch.Generator().manual_seed(seed)).images.float()
 
@@ -96,15 +96,15 @@ def test_loads_with_scheduler_weights_and_patches(tiny, fused):
 @pytest.mark.parametrize("steps", [1, 2, 3, 4])
 def test_fused_matches_plain_diffusers(fused, plain, steps):
     got, expected = images(fused, steps), images(plain, steps)
-    assert got.shape == (1, 3, 64, 64)
-    torch.testing.assert_close(got, expected, rtol=0, atol=2e-4)
+    assert got.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)  # measured: 0 (eager refs)
 
 
 @pytest.mark.slow
 def test_fused_kernels_match_plain_diffusers(fused, plain):
-    """The normal dispatch (Triton kernels; interpreted on a CPU), 1 step at 32x32 to keep the interpreter short."""
-    got, expected = images(fused, 1, size=32), images(plain, 1, size=32)
-    torch.testing.assert_close(got, expected, rtol=0, atol=5e-4)
+    """The normal dispatch (Triton kernels; interpreted on a CPU), 1 step (at 32x32, as every test here)."""
+    got, expected = images(fused, 1), images(plain, 1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)  # measured: 4e-7
 
 
 def test_step_counts_share_weights_and_differ(fused):
