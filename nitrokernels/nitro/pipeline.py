@@ -30,14 +30,15 @@ import inspect
 import json
 import os
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
 
-__all__ = ["UNetWeightsError", "load_pipeline", "prepare_pipeline", "load_unet_weights", "make_random_sdxl_pipeline"]
+__all__ = ["GraphedPipelineParts", "UNetWeightsError", "check_unet_weights", "load_pipeline", "load_unet_weights",
+           "make_random_sdxl_pipeline", "prepare_pipeline", "resolve_device", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -57,9 +58,10 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
-        if dtype.lower().replace("torch.", "") not in _DTYPES:
+        name = dtype.lower().replace("torch.", "")
+        if name not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype.lower().replace("torch.", "")]
+        return _DTYPES[name]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     return dtype
