@@ -73,7 +73,7 @@ def train_teacher(steps: int, seed: int, batch_size: int = 64, lr: float = 1e-3,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600, help="teacher training steps (default 600)")
+    parser.add_argument("--steps", type=int, default=1500, help="teacher training steps (default 1500)")
     parser.add_argument("--classifier-epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=digits.ASSETS_DIR, help="where the assets go (default: the package's)")

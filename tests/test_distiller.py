@@ -235,7 +235,7 @@ def test_sdxl_like_conditioning_trains_and_resumes(tmp_path):
                            progress=False, log_every=1, out_dir=str(tmp_path), discriminator=DISC)
     d = NitroDistiller(teacher, copy.deepcopy(teacher), sched, bank, config)
     history = d.train()
-    assert len(history) == 2 and all(torch.isfinite(torch.tensor([r["d_loss"], r["g_loss"]])) for r in history)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor([r["d_loss"], r["g_loss"]])).all() for r in history)
     assert (tmp_path / "samples_000002.png").exists()
     d2 = NitroDistiller(teacher, copy.deepcopy(teacher), sched, bank,
                         DistillConfig(**{**config.__dict__, "steps": 3}))

@@ -218,7 +218,7 @@ def run(args) -> int:
     print()
     print(table)
     t1, t25, s1 = results["teacher"][1], results["teacher"][25], results["student"][1]
-    print(f"\none-step student vs one-step teacher: accuracy {s1['accuracy'] * 100:+.1f} points "
+    print(f"\none-step student vs one-step teacher: accuracy {(s1['accuracy'] - t1['accuracy']) * 100:+.1f} points "
           f"({t1['accuracy'] * 100:.1f}% -> {s1['accuracy'] * 100:.1f}%), Frechet {t1['frechet']:.1f} -> "
           f"{s1['frechet']:.1f}; vs the 25-step teacher: {(s1['accuracy'] - t25['accuracy']) * 100:+.1f} points")
 

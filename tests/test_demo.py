@@ -1,0 +1,59 @@
+"""`nitrokernels demo --quick` end to end (the CI-size main job) and the shipped digits assets."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+from nitrokernels.nitro import demo, digits
+
+
+def test_shipped_assets_load_and_are_small():
+    for name in (digits.TEACHER_ASSET, digits.CLASSIFIER_ASSET, digits.STUDENT_ASSET):
+        path = digits.asset_path(name)
+        assert os.path.getsize(path) < 5 * 2**20, f"{name} should stay under 5 MB"
+    teacher, encoder, meta = digits.load_pretrained_teacher()
+    assert meta["seed"] == 0 and not any(p.requires_grad for p in teacher.parameters())
+    student, _, smeta = digits.load_pretrained_student()
+    assert "shift" in smeta
+    x = torch.randn(2, 1, digits.DIGITS_RESOLUTION, digits.DIGITS_RESOLUTION)
+    with torch.no_grad():
+        assert student(x, 249, encoder_hidden_states=encoder(torch.tensor([3, 7]))).sample.shape == x.shape
+    classifier = digits.load_pretrained_classifier()
+    images, labels = digits.load_digits(split="test")
+    assert digits.classifier_accuracy(classifier, images, labels) > 0.95
+
+
+def test_digits_data_encoder_and_metrics():
+    images, labels = digits.load_digits()
+    assert images.shape == (1797, 1, 16, 16) and images.min() >= -1 and images.max() <= 1
+    assert len(digits.load_digits(split="train")[0]) + len(digits.load_digits(split="test")[0]) == 1797
+    enc = digits.DigitsEncoder()
+    assert enc(torch.tensor([0, 10])).shape == (2, 1, digits.EMBED_DIM)
+    with pytest.raises(ValueError, match="labels must be in"):
+        enc(torch.tensor([11]))
+    a = torch.randn(400, 8)
+    assert abs(digits.frechet_distance(a, a)) < 1e-6
+    assert digits.frechet_distance(a, a + 3) == pytest.approx(9 * 8, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--out", str(tmp_path), "--no-progress", "--device", "cpu"])
+    assert demo.run(args) == 0
+    out = capsys.readouterr().out
+    assert "class accuracy" in out and "Frechet distance" in out
+    for name in ("metrics.json", "samples.png", "loss.png", "train/log.jsonl", "train/checkpoint.pt"):
+        assert (tmp_path / name).exists(), name
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["teacher"]) == {"1", "4", "25"} and set(metrics["student"]) == {"1", "2", "4"}
+    for group in ("teacher", "student"):
+        for m in metrics[group].values():
+            assert 0.0 <= m["accuracy"] <= 1.0 and m["frechet"] >= 0.0
+    assert metrics["heads"]["pool"] == 240 and metrics["heads"]["sampled_per_iteration"] == 15
+    from PIL import Image
+
+    assert Image.open(tmp_path / "samples.png").size[0] > 100
