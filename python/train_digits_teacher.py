@@ -1,11 +1,15 @@
 """Train the digits teacher (a class-conditional diffusion UNet) and the digits classifier, and write the
 shipped assets under nitrokernels/assets/ (fp16 safetensors):
 
-    python python/train_digits_teacher.py                 # seed 0, the shipped checkpoints (~4 min on 2 idle CPU cores)
+    python python/train_digits_teacher.py --threads 1     # seed 0: the shipped checkpoints (1500 teacher steps;
+                                                          # ~8 min on one idle core, ~15 min on a busy machine)
     python python/train_digits_teacher.py --steps 200 --out /tmp/assets   # a quick look
 
 Reproducible: every random draw comes from `--seed` (default 0) via torch.manual_seed and explicit
-generators, on the CPU with the deterministic eager kernels. The data are scikit-learn's bundled 8x8 digits
+generators, on the CPU with torch.use_deterministic_algorithms; the result is bit-identical for the same
+seed, torch version (2.13 CPU) and thread count; another thread count changes the floating-point summation
+order and so the last bits of the weights. The shipped files were made in two runs, seed 0:
+`--only classifier` (2 threads, the default) and `--only teacher --threads 1`. The data are scikit-learn's bundled 8x8 digits
 upsampled to 16x16 (nitrokernels.nitro.digits.load_digits); nothing is downloaded.
 
 Teacher recipe: epsilon-prediction DDPM loss on Stable Diffusion's noise schedule, AdamW (lr 1e-3, 100-step

@@ -26,7 +26,7 @@ import os
 import time
 
 # Demo settings (chosen for a 2-core CPU; see run()). QUICK is the CI size.
-DEFAULT = dict(steps=300, batch_size=32, eval_per_class=50)
+DEFAULT = dict(steps=400, batch_size=16, eval_per_class=50)
 QUICK = dict(steps=8, batch_size=16, eval_per_class=10)
 SHIFT = 250
 TEACHER_STEPS_TRAIN = 4  # DDIM steps of the teacher for the "real" samples during distillation
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--quick", action="store_true", help="CI size: few iterations, small evaluation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per iteration (default 32; 16 quick)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per iteration (default 16)")
     parser.add_argument("--eval-per-class", type=int, default=None,
                         help="evaluation samples per digit (default 50; 10 quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -65,7 +65,7 @@ def demo_config(steps: int, batch_size: int, seed: int, out_dir: str | None, dev
     from nitrokernels.nitro.distiller import DistillConfig
 
     return DistillConfig(
-        steps=steps, batch_size=batch_size, grad_accum=1, lr_student=2e-5, lr_heads=2e-4,
+        steps=steps, batch_size=batch_size, grad_accum=1, lr_student=5e-5, lr_heads=5e-4,
         betas_student=(0.5, 0.999), betas_heads=(0.5, 0.999), weight_decay_heads=0.0, grad_clip=1.0,
         ema_decay=None, shift=SHIFT, teacher_steps=TEACHER_STEPS_TRAIN, teacher_guidance=1.0, seed=seed,
         device=device, out_dir=out_dir, log_every=10, sample_every=0, sample_count=20, checkpoint_every=0,

@@ -328,7 +328,10 @@ def _load_unet_and_encoder(path: str, device, dtype):
     encoder = DigitsEncoder(dim=config["cross_attention_dim"])
     encoder.load_state_dict(groups["encoder"])
     for module in (unet, encoder):
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        module.to(device=device)
+        if dtype != torch.float32:  # (diffusers warns about any .to(dtype) of a UNet; skip the no-op one)
+            module.to(dtype=dtype)
+        module.eval().requires_grad_(False)
     return unet, encoder, metadata
 
 
