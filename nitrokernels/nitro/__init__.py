@@ -10,6 +10,8 @@ _LAZY = {
     "DistillConfig": "nitrokernels.nitro.distiller",
     "TimestepShiftLCMScheduler": "nitrokernels.nitro.scheduler",
     "load_pipeline": "nitrokernels.nitro.pipeline",
+    "sample": "nitrokernels.nitro.sampling",
+    "sample_one_to_four": "nitrokernels.nitro.sampling",
 }
 __all__ = sorted(_LAZY)
 
