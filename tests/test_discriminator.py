@@ -144,7 +144,8 @@ def test_call_time_errors():
     disc2, _, _ = make("digits", pool_sizes={"global_conditional": 2, "local_conditional": 1})
     assert disc2.kinds == ("global_conditional", "local_conditional")
     fake.requires_grad_(True)
-    disc2.g_loss(fake, make_cond(3)).g_loss.backward()
+    with disc2.backend_context():
+        disc2.g_loss(fake, make_cond(3)).g_loss.backward()
     assert fake.grad is not None
 
 
@@ -233,7 +234,8 @@ def test_batched_and_unbatched_backbone_agree():
         fake.grad = None
         gen = torch.Generator(device=DEVICE).manual_seed(5)
         out = disc(real, fake, cond, uncond, selection=sel, generator=gen)
-        out.g_loss.backward()
+        with disc.backend_context():
+            out.g_loss.backward()
         outs.append((out.d_loss.detach(), out.g_loss.detach(), fake.grad.clone()))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -247,7 +249,8 @@ def test_gradients_reach_the_fake_input_only(name):
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     sel = disc.sample(generator=gen)
     g = disc.g_loss(fake, cond, uncond, selection=sel, generator=gen)
-    g.g_loss.backward()
+    with disc.backend_context():
+        g.g_loss.backward()
     assert fake.grad is not None and fake.grad.abs().sum() > 0
     assert all(p.grad is None for p in disc.backbone.parameters())
     assert all(not p.requires_grad for p in disc.backbone.parameters())
@@ -255,7 +258,8 @@ def test_gradients_reach_the_fake_input_only(name):
     assert all(p.requires_grad for p in disc.head_parameters()), "heads must be trainable again after g_loss"
     d = disc.d_loss(real, fake, cond, uncond, selection=sel, generator=gen)
     fake.grad = None
-    d.d_loss.backward()
+    with disc.backend_context():
+        d.d_loss.backward()
     assert real.grad is None and fake.grad is None
     with_grad = [p for p in disc.head_parameters() if p.grad is not None]
     assert with_grad and all(p.grad.is_sparse for p in with_grad)
@@ -279,9 +283,10 @@ def test_fused_and_eager_heads_give_the_same_iteration(name):
         fake = fake0.clone().requires_grad_(True)
         gen = torch.Generator(device=DEVICE).manual_seed(7)
         out = disc(real, fake, cond, uncond, selection=sel, generator=gen)
-        out.d_loss.backward()
-        grads = {n: p.grad.to_dense().clone() for n, p in disc.pools.named_parameters() if p.grad is not None}
-        out.g_loss.backward()
+        with disc.backend_context():  # backward picks its backend when it runs
+            out.d_loss.backward()
+            grads = {n: p.grad.to_dense().clone() for n, p in disc.pools.named_parameters() if p.grad is not None}
+            out.g_loss.backward()
         results[backend] = (out.d_loss.detach(), out.g_loss.detach(), fake.grad.clone(), grads)
     (dt, gt, ft, ht), (de, ge, fe, he) = results["triton"], results["eager"]
     torch.testing.assert_close(dt, de, rtol=1e-4, atol=1e-5)
@@ -297,7 +302,8 @@ def test_refresh_reinitialises_heads_and_their_optimiser_rows():
     opt = SampledAdamW(disc.head_parameters(), lr=1e-2)
     sel = disc.sample(generator=torch.Generator().manual_seed(0))
     out = disc.d_loss(latents(2, channels), latents(2, channels), make_cond(2), make_cond(2, True), selection=sel)
-    out.d_loss.backward()
+    with disc.backend_context():
+        out.d_loss.backward()
     opt.step()
     before = copy.deepcopy(disc.heads_state_dict())
     assert any(float(s["step"].sum()) > 0 for s in opt.state.values())

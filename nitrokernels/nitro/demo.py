@@ -71,7 +71,10 @@ def demo_config(steps: int, batch_size: int, seed: int, out_dir: str | None, dev
         device=device, out_dir=out_dir, log_every=10, sample_every=0, sample_count=20, checkpoint_every=0,
         resume=False, progress=progress,
         discriminator=dict(t_star=(10, 250, 500, 750), pool_sizes=4, heads_sampled=1, t_star_sampled=1,
-                           refresh_rate=0.01, local_size=4, hidden=32, num_groups=8, loss="nonsaturating"),
+                           refresh_rate=0.01, local_size=4, hidden=32, num_groups=8, loss="nonsaturating",
+                           # on a CPU the heads run on the eager reference (never Triton's slow interpreter, even
+                           # when TRITON_INTERPRET=1 is set, as in the test suite); on a GPU: the fused kernels
+                           head_backend=None if str(device).startswith("cuda") else "eager"),
     )
 
 

@@ -376,6 +376,11 @@ class DynamicDiscriminator(nn.Module):
         per_head = per_element.reshape(per_element.shape[0], -1).mean(dim=1)
         return per_head.sum() if self.head_reduction == "sum" else per_head.mean()
 
+    def backend_context(self):
+        """A context forcing `head_backend` for head_stack (a no-op when it is None). The losses' BACKWARD picks
+        its head backend when it runs: wrap `loss.backward()` in this context too (NitroDistiller does)."""
+        return self._backend_ctx()
+
     def _backend_ctx(self):
         if self.head_backend is None:
             return contextlib.nullcontext()

@@ -430,6 +430,10 @@ class NitroDistiller:
 
     def train_step(self) -> dict:
         """One NitroFusion iteration (see the module docstring). Returns detached loss tensors."""
+        with self.disc.backend_context():  # forward AND backward of the heads on the discriminator's backend
+            return self._train_step()
+
+    def _train_step(self) -> dict:
         cfg = self.config
         selection = self.disc.sample(generator=self.dev_gen, host_generator=self.host_gen)
         batches = self._micro_batches()
