@@ -111,7 +111,7 @@ def test_same_seed_same_run_and_heads_init_from_seed():
 @pytest.mark.slow
 def test_loss_curves_match_across_head_backends():
     """~60 iterations with eager heads vs the same run with the fused Triton heads (interpreter on CPU)."""
-    steps = 60 if DEVICE.type == "cuda" else 12  # Triton's CPU interpreter is slow: keep the CPU run short
+    steps = 60 if DEVICE.type == "cuda" else 5  # Triton's CPU interpreter is slow (~18 s an iteration): keep it short
     curves = {}
     for backend in ("eager", "triton"):
         d = make(steps=steps, batch_size=2, teacher_steps=1, discriminator=dict(head_backend=backend, pool_sizes=1))
