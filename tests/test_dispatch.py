@@ -98,3 +98,31 @@ def test_debug_log_says_why_backends_were_skipped(toy_op, monkeypatch, caplog):
     with caplog.at_level("DEBUG", logger="nitrokernels"):
         toy_op(torch.randn(2, 3))
     assert "using eager" in caplog.text and "last dim must be even" in caplog.text
+
+
+def test_select_traced_under_torch_compile_follows_the_same_rule(monkeypatch):
+    """Inside torch.compile the backend is chosen at trace time (select_traced): the same preference, forcing
+    and reasons as eager dispatch, with no graph break from reading the forcing state."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    op = DispatchedOp("toy_traced")
+    op.register("triton", check=lambda x: [] if x.shape[-1] % 2 == 0 else ["last dim must be even"])(
+        lambda x: x * 2)
+    op.register("eager")(lambda x: x * 3)
+    dispatch.REGISTRY[op.name] = op
+    try:
+        def f(x):
+            return op.select_traced(x).fn(x) + 1
+
+        def run(x):
+            torch._dynamo.reset()  # forcing is a trace-time constant: a new trace per setting
+            return torch.compile(f, fullgraph=True, backend="eager")(x)
+
+        even, odd = torch.ones(2, 4), torch.ones(2, 5)
+        assert torch.equal(run(even), even * 2 + 1)           # triton preferred
+        assert torch.equal(run(odd), odd * 3 + 1)             # triton refuses odd sizes -> eager
+        with use_backend("eager", "toy_traced"):
+            assert torch.equal(run(even), even * 3 + 1)
+        with use_backend("triton"), pytest.raises(Exception, match="last dim must be even"):
+            run(odd)
+    finally:
+        dispatch.REGISTRY.pop(op.name)

@@ -28,8 +28,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nitrokernels.ops.dispatch import (BackendUnavailable, dispatched_op, triton_importable,
-                                       triton_interpreting)
+from nitrokernels.ops.dispatch import dispatched_op
 
 log = logging.getLogger("nitrokernels")
 
@@ -154,35 +153,10 @@ def _triton_reasons(q, k, v, *, scale=None, attn_mask=None, dropout_p=0.0, is_ca
     return reasons
 
 
-def _assume_constant_result(fn):
-    """torch.compiler.assume_constant_result without importing torch._dynamo when nitrokernels is imported
-    (that import alone takes ~2 s); the compile test in tests/test_attention.py checks it still works."""
-    fn._dynamo_marked_constant = True
-    return fn
-
-
-@_assume_constant_result
-def _trace_constants() -> tuple[str, bool, bool, bool]:
-    """Forced backend, Triton importable, interpreting, xformers installed: read once per trace."""
-    return (ATTENTION.forced_backend() or "", triton_importable(), triton_interpreting(), _xformers_installed())
-
-
 def _xformers_installed() -> bool:
     if os.environ.get("NITROKERNELS_DISABLE_XFORMERS", "0") not in ("", "0"):
         return False
     return importlib.util.find_spec("xformers") is not None
-
-
-def _select_traced(q, k, v, scale, attn_mask, dropout_p, is_causal) -> str:
-    forced, has_triton, interpreting, _ = _trace_constants()
-    devices_ok = q.device.type == "cuda" or (q.device.type == "cpu" and interpreting)
-    triton_ok = has_triton and devices_ok and not _triton_reasons(
-        q, k, v, scale=scale, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
-    if forced == "triton" and not triton_ok:
-        raise BackendUnavailable("attention: backend 'triton' was forced but cannot run these inputs")
-    if forced in ("triton", "eager"):
-        return forced
-    return "triton" if triton_ok else "eager"
 
 
 # ============================================================================================= backends
@@ -238,9 +212,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     _validate(q, k, v, scale, attn_mask, dropout_p, is_causal)
     kwargs = dict(scale=scale, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
     if torch.compiler.is_compiling():
-        backend = _select_traced(q, k, v, scale, attn_mask, dropout_p, is_causal)
-        impl = ATTENTION.impls[backend].fn
-        return impl(q, k, v, **kwargs)
+        return ATTENTION.select_traced(q, k, v, **kwargs).fn(q, k, v, **kwargs)
     impl = ATTENTION.select(q, k, v, **kwargs)
     if impl.backend != "triton" and ATTENTION.forced_backend() is None:
         _record_fallback(ATTENTION.impls["triton"].reasons((q, k, v), kwargs))

@@ -24,7 +24,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 
@@ -64,17 +64,43 @@ def tensors_in(args: Iterable, kwargs: dict) -> list[torch.Tensor]:
     return found
 
 
-def _generic_reasons(backend: str, tensors: list[torch.Tensor]) -> list[str]:
+class Facts(NamedTuple):
+    """What the generic checks read from the process (not from the inputs)."""
+    extension: bool
+    extension_status: str
+    triton: bool
+    interpreting: bool
+
+
+def live_facts() -> Facts:
+    return Facts(_ext.extension_available(), _ext.extension_status(), triton_importable(), triton_interpreting())
+
+
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result without importing torch._dynamo when nitrokernels is imported
+    (that import alone takes ~2 s); tests/test_attention.py and test_geglu.py compile through it."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
+def _trace_constants(op_name: str) -> tuple[str, Facts]:
+    """The forced backend of `op_name` and the process facts, read once per torch.compile trace: dynamo
+    cannot trace the forcing ContextVar or the environment reads, and neither changes within a trace."""
+    return REGISTRY[op_name].forced_backend() or "", live_facts()
+
+
+def _generic_reasons(backend: str, tensors: list[torch.Tensor], facts: Facts) -> list[str]:
     devices = {t.device.type for t in tensors}
     if backend == "cuda_ext":
-        if not _ext.extension_available():
-            return [f"CUDA extension {_ext.extension_status()}"]
+        if not facts.extension:
+            return [f"CUDA extension {facts.extension_status}"]
         if devices != {"cuda"}:
             return [f"CUDA extension needs CUDA tensors, got {sorted(devices)}"]
     elif backend == "triton":
-        if not triton_importable():
+        if not facts.triton:
             return ["triton is not installed"]
-        if devices and devices != {"cuda"} and not (devices == {"cpu"} and triton_interpreting()):
+        if devices and devices != {"cuda"} and not (devices == {"cpu"} and facts.interpreting):
             return [f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {sorted(devices)}"]
     return []
 
@@ -86,8 +112,8 @@ class Implementation:
     fn: Callable
     check: Callable[..., list[str]] | None = None
 
-    def reasons(self, args, kwargs) -> list[str]:
-        generic = _generic_reasons(self.backend, tensors_in(args, kwargs))
+    def reasons(self, args, kwargs, facts: Facts | None = None) -> list[str]:
+        generic = _generic_reasons(self.backend, tensors_in(args, kwargs), facts or live_facts())
         if generic:
             return generic
         return list(self.check(*args, **kwargs)) if self.check else []
@@ -128,28 +154,36 @@ class DispatchedOp:
                 for b in BACKENDS}
 
     def select(self, *args, **kwargs) -> Implementation:
-        forced = self.forced_backend()
+        return self._select(self.forced_backend(), live_facts(), args, kwargs, log_skips=True)
+
+    def select_traced(self, *args, **kwargs) -> Implementation:
+        """`select` for use inside torch.compile'd code: same rule, with the forced backend and the process
+        facts taken as trace-time constants (a change of either needs a recompile, like any constant)."""
+        forced, facts = _trace_constants(self.name)
+        return self._select(forced or None, facts, args, kwargs, log_skips=False)  # no logging calls in a trace
+
+    def _select(self, forced: str | None, facts: Facts, args, kwargs, log_skips: bool) -> Implementation:
         if forced is not None:
-            return self._forced_impl(forced, args, kwargs)
+            return self._forced_impl(forced, args, kwargs, facts)
         skipped = []
         for backend in BACKENDS:
             impl = self.impls.get(backend)
             if impl is None:
                 continue
-            reasons = impl.reasons(args, kwargs)
+            reasons = impl.reasons(args, kwargs, facts)
             if not reasons:
-                if skipped and log.isEnabledFor(logging.DEBUG):
+                if skipped and log_skips and log.isEnabledFor(logging.DEBUG):
                     log.debug("%s: using %s; skipped %s", self.name, backend, "; ".join(skipped))
                 return impl
             skipped.append(f"{backend} ({', '.join(reasons)})")
         raise BackendUnavailable(f"{self.name}: no backend can run these inputs: {'; '.join(skipped)}")
 
-    def _forced_impl(self, backend: str, args, kwargs) -> Implementation:
+    def _forced_impl(self, backend: str, args, kwargs, facts: Facts) -> Implementation:
         impl = self.impls.get(backend)
         if impl is None:
             raise BackendUnavailable(f"{self.name}: backend {backend!r} was forced but this op has no such "
                                      f"implementation (it has {sorted(self.impls)})")
-        reasons = impl.reasons(args, kwargs)
+        reasons = impl.reasons(args, kwargs, facts)
         if reasons:
             raise BackendUnavailable(f"{self.name}: backend {backend!r} was forced but cannot run these inputs: "
                                      + "; ".join(reasons))

@@ -9,7 +9,7 @@ Backends:
     Refuses, with the reason: dtype mismatch between x / weight / bias, fp32 on a GPU (the kernel is for fp16/bf16 tensor cores; fp32 only under TRITON_INTERPRET=1).
   * "eager": F.linear + chunk + F.gelu + multiply (what diffusers runs).
 Under autocast, x / weight / bias are cast to the autocast dtype first (as autocast does for F.linear), so
-fp32 master weights still run the fused kernel. Under torch.compile the backend is chosen at trace time (see ops/attention.py); the custom ops are opaque
+fp32 master weights still run the fused kernel. Under torch.compile the backend is chosen at trace time (DispatchedOp.select_traced); the custom ops are opaque
 nodes with fake implementations, so there is no graph break.
 """
 from __future__ import annotations
@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nitrokernels.ops.attention import _assume_constant_result
-from nitrokernels.ops.dispatch import BackendUnavailable, dispatched_op, triton_importable, triton_interpreting
+from nitrokernels.ops.dispatch import dispatched_op
 
 GEGLU = dispatched_op("geglu", "diffusers GEGLU: projection GEMM with the hidden * gelu(gate) epilogue")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -115,22 +114,6 @@ def _triton_reasons(x, weight, bias=None) -> list[str]:
     return reasons
 
 
-@_assume_constant_result
-def _trace_constants() -> tuple[str, bool, bool]:
-    return (GEGLU.forced_backend() or "", triton_importable(), triton_interpreting())
-
-
-def _select_traced(x, weight, bias) -> str:
-    forced, has_triton, interpreting = _trace_constants()
-    devices_ok = x.device.type == "cuda" or (x.device.type == "cpu" and interpreting)
-    triton_ok = has_triton and devices_ok and not _triton_reasons(x, weight, bias)
-    if forced == "triton" and not triton_ok:
-        raise BackendUnavailable("geglu: backend 'triton' was forced but cannot run these inputs")
-    if forced in ("triton", "eager"):
-        return forced
-    return "triton" if triton_ok else "eager"
-
-
 # ============================================================================================= backends
 @GEGLU.register("triton", check=_triton_reasons)
 def _geglu_triton(x, weight, bias=None):
@@ -173,5 +156,5 @@ def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
 
 def _geglu_dispatch(x, weight, bias):
     if torch.compiler.is_compiling():
-        return GEGLU.impls[_select_traced(x, weight, bias)].fn(x, weight, bias)
+        return GEGLU.select_traced(x, weight, bias).fn(x, weight, bias)
     return GEGLU(x, weight, bias)
