@@ -108,19 +108,41 @@ def test_same_seed_same_run_and_heads_init_from_seed():
 
 
 # ------------------------------------------------------------------------------------------ backends
-@pytest.mark.slow
-def test_loss_curves_match_across_head_backends():
-    """~60 iterations with eager heads vs the same run with the fused Triton heads (interpreter on CPU)."""
-    steps = 60 if DEVICE.type == "cuda" else 5  # Triton's CPU interpreter is slow (~18 s an iteration): keep it short
+def curve_steps() -> int:
+    """Iterations of the backend loss-curve test: 300 on a GPU; on the CPU the Triton interpreter takes ~5 s an
+    iteration even at the micro config, so CI runs 5 and NITROKERNELS_CURVE_STEPS=200 runs the long check."""
+    default = 300 if DEVICE.type == "cuda" else 5
+    return int(os.environ.get("NITROKERNELS_CURVE_STEPS", default))
+
+
+def head_backend_curves(steps: int) -> dict[str, torch.Tensor]:
+    """(d_loss, g_loss) per iteration of the same seeded run with eager heads and with the fused Triton heads:
+    a micro discriminator (one t*, one kind, hidden 8) so the interpreter can run hundreds of iterations."""
     curves = {}
     for backend in ("eager", "triton"):
-        d = make(steps=steps, batch_size=2, teacher_steps=1, discriminator=dict(head_backend=backend, pool_sizes=1))
+        d = make(steps=steps, batch_size=2, teacher_steps=1,
+                 discriminator=dict(head_backend=backend, pool_sizes={"global_conditional": 2}, t_star=(500,),
+                                    hidden=8, num_groups=2, refresh_rate=0.05))
         curves[backend] = torch.tensor(losses(d.train()))
+    return curves
+
+
+@pytest.mark.slow
+def test_loss_curves_match_across_head_backends():
+    """The same run with eager heads and with the fused Triton heads (interpreter on CPU): matching curves."""
+    steps = curve_steps()
+    curves = head_backend_curves(steps)
     eager, fused = curves["eager"], curves["triton"]
     assert torch.isfinite(eager).all() and torch.isfinite(fused).all()
-    # identical math, different summation order: the curves track each other closely for the whole run
-    torch.testing.assert_close(fused[:10], eager[:10], rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(fused, eager, rtol=2e-2, atol=2e-2)
+    assert not torch.equal(eager[0], eager[-1])  # the losses move: a curve, not a constant
+    # identical math, different summation order: the first iterations agree tightly, and over the whole run
+    # the curves track each other (no drift: a running mean over 10 iterations stays close)
+    torch.testing.assert_close(fused[:5], eager[:5], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fused, eager, rtol=5e-2, atol=5e-2)
+    if steps >= 20:
+        smooth = torch.nn.functional.avg_pool1d
+        torch.testing.assert_close(smooth(fused.T[None], 10, 1)[0], smooth(eager.T[None], 10, 1)[0],
+                                   rtol=2e-2, atol=2e-2)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
