@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=digits.ASSETS_DIR, help="where the assets go (default: the package's)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--eval-count", type=int, default=500,
+                        help="teacher samples scored at 1/4/25 steps after training (default 500)")
     parser.add_argument("--only", choices=("all", "classifier", "teacher"), default="all",
                         help="train only one of the two (the teacher's report then needs the classifier asset in --out)")
     args = parser.parse_args(argv)
@@ -102,9 +104,9 @@ def main(argv=None) -> int:
 
     unet, encoder = train_teacher(args.steps, args.seed)
     evaluator = digits.DigitsEvaluator(classifier)
-    labels = torch.arange(500) % 10
+    labels = torch.arange(args.eval_count) % 10
     gen = torch.Generator().manual_seed(args.seed + 1)
-    noise = torch.randn(500, 1, digits.DIGITS_RESOLUTION, digits.DIGITS_RESOLUTION, generator=gen)
+    noise = torch.randn(args.eval_count, 1, digits.DIGITS_RESOLUTION, digits.DIGITS_RESOLUTION, generator=gen)
     scores = {}
     for steps in (1, 4, 25):
         m = evaluator(digits.teacher_sample(unet, encoder, labels, steps, noise=noise), labels)
