@@ -72,11 +72,11 @@ def test_timesteps_match_nitrofusion_table(shift, steps):
     lcm, model = TABLE[steps][0], TABLE[steps][SHIFT_COLUMN[shift]]
     assert s.lcm_timesteps.tolist() == lcm
     assert s.model_timesteps.tolist() == model
-    assert s.timesteps.tolist() == lcm  # default timesteps_mode="lcm" (INTERFACES.md)
+    assert s.timesteps.tolist() == model  # default timesteps_mode="model": what a diffusers pipeline feeds the UNet
     assert s.lcm_timesteps.dtype == s.model_timesteps.dtype == torch.long
-    m = TimestepShiftLCMScheduler(shift=shift, timesteps_mode="model")
+    m = TimestepShiftLCMScheduler(shift=shift, timesteps_mode="lcm")
     m.set_timesteps(steps)
-    assert m.timesteps.tolist() == model  # what a stock diffusers pipeline feeds the UNet
+    assert m.timesteps.tolist() == lcm
 
 
 @pytest.mark.parametrize("shift", [250, 500, 333.3, 1, 1000])
@@ -297,3 +297,29 @@ def test_zero_terminal_snr():
     v.set_timesteps(1)
     x = torch.randn(1, 4, 4, 4)
     assert torch.isfinite(v.step(x, 999, x).prev_sample).all()
+
+
+def test_default_is_a_drop_in_for_a_diffusers_loop():
+    """The diffusers idiom -- from_config(base scheduler config, shift=...) then `for t in .timesteps:
+    unet(x, t); step(out, t, x)` -- feeds the model the SHIFTED timesteps and gives nitro.sampling.sample's result."""
+    from diffusers import DDIMScheduler
+
+    from nitrokernels.nitro.sampling import sample
+
+    base = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    s = TimestepShiftLCMScheduler.from_config(base.config, shift=250)
+    x_T = torch.randn(2, 4, 9, 7)
+    seen = []
+
+    def model(x, t):
+        seen.append(int(t))
+        return toy_model(x, int(t))
+
+    s.set_timesteps(4)
+    x, g = x_T.clone(), torch.Generator().manual_seed(7)
+    for t in s.timesteps:
+        x = s.step(model(x, t), t, x, generator=g).prev_sample
+    assert seen == [249, 187, 124, 62]
+    expected = sample(lambda x, t: toy_model(x, int(t[0])), TimestepShiftLCMScheduler(shift=250), x_T, 4,
+                      torch.Generator().manual_seed(7))
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)

@@ -23,11 +23,12 @@ Schedule (see ../shared/NITROFUSION.md, "Inference"), with T = num_train_timeste
 * Beta schedules as in diffusers (linear, scaled_linear, squaredcos_cap_v2, trained_betas, optional zero-terminal-SNR
   rescaling), so `from_config(base_pipeline.scheduler.config, shift=...)` keeps the base model's noise schedule.
 
-`.timesteps`: the nitrokernels interface exposes the original LCM timesteps there (`timesteps_mode="lcm"`, the
-default). A stock diffusers pipeline feeds `scheduler.timesteps` straight to the UNet, so a scheduler used inside
-a diffusers pipeline must be created with `timesteps_mode="model"`: `.timesteps` then holds the shifted timesteps
-(what the official NitroFusion demo does). `.lcm_timesteps` and `.model_timesteps` are always both available, and
-`step()` accepts either timestep of the current step.
+`.timesteps` holds what the UNet must see, the shifted timesteps (`timesteps_mode="model"`, the default), because a
+diffusers pipeline -- or any loop written the diffusers way -- feeds `scheduler.timesteps` straight to the UNet:
+`pipe.scheduler = TimestepShiftLCMScheduler.from_config(pipe.scheduler.config, shift=250)` is then a correct
+drop-in (what the official NitroFusion demo does). `timesteps_mode="lcm"` exposes the original LCM timesteps there
+instead, for code that maps them to the model itself. `.lcm_timesteps` and `.model_timesteps` are always both
+available, and `step()` accepts either timestep of the current step.
 """
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ class TimestepShiftLCMScheduler(SchedulerMixin, ConfigMixin):
         shift: Union[int, float] = 250,
         prediction_type: str = "epsilon",
         timestep_scaling: float = 10.0,
-        timesteps_mode: str = "lcm",
+        timesteps_mode: str = "model",
         rescale_betas_zero_snr: bool = False,
     ):
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
