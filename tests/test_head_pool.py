@@ -153,25 +153,26 @@ def test_twenty_heads_all_levels_eager():
 
 
 def test_fast_path_does_not_sync_or_regroup(monkeypatch):
-    """A HeadSample is sliced per level: one op call per used level, ids never copied to the host."""
+    """A HeadSample goes to ONE op call for all levels as it is (per-level counts and row offsets on the host),
+    ids never copied to the host; other ids are grouped by level on the host first."""
     pool = HeadPool(((3, 8), (5, 16)), heads_per_level=3, hidden=4, num_groups=2)
     calls = []
 
-    def fake(feature, *args, **kwargs):
-        rows = args[-1]
-        calls.append(rows.tolist())
-        return torch.zeros(rows.numel(), feature.shape[0])
+    def fake(features, *args, **kwargs):
+        ids, counts, offsets = args[6:9]
+        calls.append((ids.tolist(), list(counts), list(offsets)))
+        return torch.zeros(ids.numel(), features[0].shape[0])
 
-    monkeypatch.setattr(head_pool_module, "_head_stack", fake)
+    monkeypatch.setattr(head_pool_module, "_head_levels", fake)
     ids = HeadSample(torch.tensor([2, 0, 4, 3]), (2, 2), 3)
     real_cpu = torch.Tensor.cpu
     monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: pytest.fail("host copy on the fast path"))
     pool(make_features(pool, 1), ids)
     monkeypatch.setattr(torch.Tensor, "cpu", real_cpu)
-    assert calls == [[2, 0], [1, 0]]  # rows within each level, caller's order kept
+    assert calls == [([2, 0, 4, 3], [2, 2], [0, 3])]   # one call, caller's order kept
     calls.clear()
     out = pool(make_features(pool, 1), torch.tensor([4, 0, 3, 2]))  # general path: grouped, then reordered
-    assert calls == [[0, 2], [1, 0]] and out.shape == (4, 1)
+    assert calls == [([0, 2, 4, 3], [2, 2], [0, 3])] and out.shape == (4, 1)
 
 
 def test_empty_ids():
@@ -323,7 +324,7 @@ def test_as_sample_validates_once():
 # ------------------------------------------------------------------------------------- bad input
 @pytest.fixture
 def no_kernel(monkeypatch):
-    monkeypatch.setattr(head_pool_module, "_head_stack",
+    monkeypatch.setattr(head_pool_module, "_head_levels",
                         lambda *a, **k: pytest.fail("a kernel ran before the input was rejected"))
 
 

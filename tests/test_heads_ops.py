@@ -306,7 +306,7 @@ def _with(args, index, value):
 def test_bad_input_raises_clear_error_before_any_kernel(monkeypatch, bad, error, match):
     def no_kernel(*args, **kwargs):
         raise AssertionError("a kernel ran before the input was rejected")
-    monkeypatch.setattr(head_kernels, "head_stack_forward", no_kernel)
+    monkeypatch.setattr(head_kernels, "levels_forward", no_kernel)
     with pytest.raises(error, match=match):
         bad(_good())
 
@@ -353,10 +353,12 @@ def test_kernels_compile_for_h100_without_spills(weights):
 @pytest.mark.parametrize("backend", ["triton", "eager"])
 def test_opcheck(backend):
     """torch.library.opcheck: schema, fake-tensor shapes/strides, autograd registration, AOT dispatch."""
-    args = leaves(make_pool(4, 5, 8, 16, 1, 4, 1))
-    op_args = (*args, torch.tensor([3, 1, 3]), 4, 1e-5)
+    a = leaves(make_pool(4, 5, 8, 16, 1, 4, 1))
+    b = leaves(make_pool(3, 6, 16, 16, 2, 4, 1))      # a second level, one layer deeper
+    op_args = ([a[0], b[0]], *([*a[i], *b[i]] for i in range(1, 5)), [a[5], b[5]], [a[6], b[6]],
+               torch.tensor([3, 1, 3, 2, 0]), [3, 2], [0, 0], [1, 2], 4, 1e-5)
     with use_backend(backend, "head_stack"):
-        torch.library.opcheck(torch.ops.nitrokernels.head_stack_fwd.default, op_args)
+        torch.library.opcheck(torch.ops.nitrokernels.head_levels_fwd.default, op_args)
 
 
 
