@@ -99,6 +99,16 @@ def _pick_ptr(ptrs, lvl, L: tl.constexpr):
 
 
 @triton.jit
+def _channels(chans, lvl, L: tl.constexpr, C16: tl.constexpr):
+    """Input channels of the program's level. C16 (host: every level's count is a multiple of 16) restores
+    the divisibility the JIT would know for a plain int argument: aligned, vectorised channel loads."""
+    c = _pick(chans, lvl, L)
+    if C16:
+        c = tl.multiple_of(c, 16)
+    return c
+
+
+@triton.jit
 def _pool_row(ids_ptr, lvl, lh, starts, roffs, pools, L: tl.constexpr):
     """Pool row of local head `lh` of level `lvl` (ids[start + lh] - row_offset), clamped into range, and
     whether it was in range (out-of-range ids poison that head's outputs with NaN)."""
@@ -124,14 +134,14 @@ def _conv_fwd_kernel(
     part_ptr,                                          # out: [H, B, TT, O, 3] fp32 (count, tile mean, tile M2)
     B, O, TT,
     L: tl.constexpr, NORM: tl.constexpr, GATHERED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BKC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BKC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, C16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     sh = tl.program_id(2)
     lvl = _level_of(sh, hs, L)
     S_in = _pick(sizes, lvl, L)
-    I = _pick(chans, lvl, L)
+    I = _channels(chans, lvl, L, C16)
     S_out = S_in // 2
     npix = S_out * S_out
     b = pid_m // TT
@@ -464,6 +474,7 @@ def _conv_dgrad_kernel(
     ids_ptr, B, O, TM, TT, G, CPG,
     L: tl.constexpr, SHARED: tl.constexpr, GATHERED: tl.constexpr, CLASSES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    C16: tl.constexpr,
 ):
     """dX of layer d. SHARED (d = 0): grid axis 2 = level, the reduction runs over the level's heads, out =
     the feature gradient (any strides). Otherwise grid axis 2 = sorted head; out = dU_{d-1} [h, B, S, S, I]
@@ -476,27 +487,26 @@ def _conv_dgrad_kernel(
         sh = tl.program_id(2)
         lvl = _level_of(sh, hs, L)
     S_in = _pick(sizes, lvl, L)
-    I = _pick(chans, lvl, L)
+    I = _channels(chans, lvl, L, C16)
     hc = (S_in + 1) // 2
     T = tl.cdiv(hc * hc, BM)
     t = pid_m % TM
-    if t >= T:                      # past this level's tiles
-        return
-    if tl.program_id(1) * BN >= I:  # past this level's channels (layer 1: levels differ)
-        return
+    # Programs past this level's tiles or channels (layer 1: levels differ) loop over no head and store
+    # nothing (masks). Not an early `return`: that puts the GEMM loops in a branch and ptxas spills.
+    active = (t < T) & (tl.program_id(1) * BN < I)
     ncls = 4 // CLASSES
     cls0 = ((pid_m // TM) % ncls) * CLASSES
     b = pid_m // (ncls * TM)
     for cls in range(cls0, cls0 + CLASSES):   # CLASSES input-pixel parity classes per program
         _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh, osw, osc,
                      aff_ptr, stats_ptr, part_ptr, ids_ptr, B, O, TT, G, CPG, lvl, sh, S_in, I, T, b, cls, t,
-                     L, SHARED, GATHERED, BM, BN, BKO, PREC, UPCAST)
+                     active, L, SHARED, GATHERED, BM, BN, BKO, PREC, UPCAST)
 
 
 @triton.jit
 def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh, osw, osc,
                  aff_ptr, stats_ptr, part_ptr, ids_ptr, B, O, TT, G, CPG, lvl, sh, S_in, I, T, b, cls, t,
-                 L: tl.constexpr, SHARED: tl.constexpr, GATHERED: tl.constexpr, BM: tl.constexpr,
+                 active, L: tl.constexpr, SHARED: tl.constexpr, GATHERED: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_n = tl.program_id(1)
     ph = cls // 2
@@ -516,10 +526,10 @@ def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh,
 
     if SHARED:
         h_lo = 0
-        h_hi = _pick(counts, lvl, L)
+        h_hi = tl.where(active, _pick(counts, lvl, L), 0)
     else:
         h_lo = sh - _pick(hs, lvl, L)
-        h_hi = h_lo + 1
+        h_hi = tl.where(active, h_lo + 1, h_lo)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for hh in range(h_lo, h_hi):
         row, id_ok = _pool_row(ids_ptr, lvl, hh, starts, roffs, pools, L)
@@ -568,9 +578,10 @@ def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh,
         gu = tl.where(m, gur.to(tl.float32), 0.0)
         xhat = (yv - mean[None, :]) * rstd[None, :]
         pbase = part_ptr + (hb * TT + cls * T + t) * I * 3 + cols * 3
-        tl.store(pbase, tl.sum(gu, axis=0), mask=col_ok)
-        tl.store(pbase + 1, tl.sum(tl.where(m, gu * xhat, 0.0), axis=0), mask=col_ok)
-        tl.store(pbase + 2, tl.sum(yv, axis=0), mask=col_ok)
+        p_ok = col_ok & ((cols * 0 + t) < T)   # a tile t >= T would land on the next class's tiles
+        tl.store(pbase, tl.sum(gu, axis=0), mask=p_ok)
+        tl.store(pbase + 1, tl.sum(tl.where(m, gu * xhat, 0.0), axis=0), mask=p_ok)
+        tl.store(pbase + 2, tl.sum(yv, axis=0), mask=p_ok)
 
 
 @triton.jit
@@ -579,16 +590,14 @@ def _conv_wgrad_kernel(
     aff_ptr,                                           # [H, B, 2, I] fp32 affine of Y_{d-1} (NORM)
     B, O, NC,
     L: tl.constexpr, NORM: tl.constexpr, TAPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, C16: tl.constexpr,
 ):
     pid0 = tl.program_id(0)
     sh = tl.program_id(2)
     lvl = _level_of(sh, hs, L)
-    I = _pick(chans, lvl, L)
+    I = _channels(chans, lvl, L, C16)
     pid_o = pid0 // NC
     pid_c = pid0 % NC
-    if pid_c * BN >= I:             # past this level's input channels (layer 1: levels differ)
-        return
     S_in = _pick(sizes, lvl, L)
     lh = sh - _pick(hs, lvl, L)
     os_ = pid_o * BM + tl.arange(0, BM)
@@ -598,13 +607,16 @@ def _conv_wgrad_kernel(
     gy_ptr = _pick_ptr(gys, lvl, L)
     x_ptr = _pick_ptr(xs, lvl, L)
     gw_ptr = _pick_ptr(gws, lvl, L)
+    # Programs past this level's input channels (layer 1: levels differ) loop over no sample and store
+    # nothing (c_ok is all false). Not an early `return`: that puts the GEMM loops in a branch and ptxas spills.
+    nb = tl.where(pid_c * BN < I, B, 0)
     for tap in range(tl.program_id(1) * TAPS, tl.program_id(1) * TAPS + TAPS):   # TAPS taps per program
-        _wgrad_tap(gy_ptr, x_ptr, aff_ptr, gw_ptr, B, S_in, I, O, sh, lh, tap, os_, o_ok, cs, c_ok,
+        _wgrad_tap(gy_ptr, x_ptr, aff_ptr, gw_ptr, B, nb, S_in, I, O, sh, lh, tap, os_, o_ok, cs, c_ok,
                    NORM, BM, BN, BK, PREC, UPCAST)
 
 
 @triton.jit
-def _wgrad_tap(gy_ptr, x_ptr, aff_ptr, gw_ptr, B, S_in, I, O, sh, lh, tap, os_, o_ok, cs, c_ok,
+def _wgrad_tap(gy_ptr, x_ptr, aff_ptr, gw_ptr, B, nb, S_in, I, O, sh, lh, tap, os_, o_ok, cs, c_ok,
                NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                PREC: tl.constexpr, UPCAST: tl.constexpr):
     kh = tap // 4
@@ -613,7 +625,7 @@ def _wgrad_tap(gy_ptr, x_ptr, aff_ptr, gw_ptr, B, S_in, I, O, sh, lh, tap, os_, 
     npo = S_out * S_out
     x_head = lh if NORM else lh * 0     # layer 1 reads the level's feature [B, S, S, I]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for b in range(B):
+    for b in range(nb):
         gy_base = gy_ptr + (lh * B + b).to(tl.int64) * npo * O
         x_base = x_ptr + (x_head * B + b).to(tl.int64) * S_in * S_in * I
         if NORM:
@@ -774,6 +786,10 @@ def _contig(tensors, lv, d=None) -> tuple:
     return tuple((tensors[l] if d is None else tensors[l][d]).contiguous() for l in lv)
 
 
+def _c16(chans) -> bool:
+    return all(c % 16 == 0 for c in chans)
+
+
 def _gn_blocks(tiles: int, groups: int, cpg: int) -> dict:
     """Blocks of the GroupNorm finish kernels: [tiles per trip, groups, channels per group]."""
     return dict(BT=max(2, min(_cap("gn_t"), _np2(tiles))), BG=max(2, _np2(groups)), BC=max(2, _np2(cpg)))
@@ -840,7 +856,7 @@ def levels_forward(features, conv_weights, conv_biases, norm_weights, norm_biase
             tuple(ys[l][d] for l in lv), *plan.meta(lv), sizes, chans, affine[d - 1] if d else part, ids, part,
             batch, c_out, tiles,
             L=len(lv), NORM=d > 0, GATHERED=gathered, BM=bm, BN=bn, BKC=bkc, PREC=prec, UPCAST=upcast,
-            num_warps=_warps(bm, bn), num_stages=3)
+            C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=3)
         cpg = c_out // groups
         _gn_fwd_finish_kernel[(heads * batch,)](
             _contig(norm_weights, lv, d), _contig(norm_biases, lv, d), *plan.meta(lv), ids, part, stats[d],
@@ -966,7 +982,7 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
             _conv_wgrad_kernel[(triton.cdiv(co, bm) * nc, 16 // taps, heads)](
                 gy, xs, tuple(g_w[l][d] for l in lv), sizes, chans, meta[0], aff_prev, batch, co, nc,
                 L=len(lv), NORM=d > 0, TAPS=taps, BM=bm, BN=bn, BK=bk, PREC=prec, UPCAST=upcast,
-                num_warps=_warps(bm, bn), num_stages=3)
+                C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=3)
         if d == 0:
             _feature_grads(plan, conv_weights, gus, features, need_feature_grads, g_features, co, gathered,
                            prec, upcast)
@@ -981,7 +997,7 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
             zeros, zeros, zeros, zeros, affine[d - 1], stats[d - 1], parts[d - 1], ids,
             batch, co, tiles, part_tiles[d - 1], groups, chans[0] // groups,
             L=len(lv), SHARED=False, GATHERED=gathered, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec,
-            UPCAST=upcast, num_warps=_warps(bm, bn), num_stages=3)
+            UPCAST=upcast, C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=3)
 
     if not need_param_grads:
         g_w = [[None] * plan.depths[l] for l in range(nlev)]
@@ -1006,4 +1022,4 @@ def _feature_grads(plan, conv_weights, gus, features, need, g_features, c_out, g
         tuple(plan.sizes[l][0] for l in lv), chans, tuple(plan.counts[l] for l in lv), *plan.meta(lv),
         *strides, plan.ids, plan.ids, plan.ids, plan.ids, features[0].shape[0], c_out, tiles, 1, 1, 1,
         L=len(lv), SHARED=True, GATHERED=gathered, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec,
-        UPCAST=upcast, num_warps=_warps(bm, bn), num_stages=3)
+        UPCAST=upcast, C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=3)
