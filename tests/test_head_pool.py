@@ -144,6 +144,33 @@ def test_features_in_another_dtype_than_the_pool(backend):
     assert all(p.grad.dtype == torch.float64 and p.grad.is_sparse for p in pool.parameters())
 
 
+def test_kernel_launches_do_not_grow_with_levels(monkeypatch):
+    """All levels run in ONE op call: a 4-level pool (mixed depths, a level without sampled heads) launches
+    the same kernels as a 1-level pool of the same greatest depth, forward and backward."""
+    import nitrokernels.kernels.heads as kernels
+    launched = []
+    cls = type(kernels._conv_fwd_kernel)
+    getitem = cls.__getitem__
+
+    def counted(self, grid):
+        launched.append(self.fn.__name__)
+        return getitem(self, grid)
+    monkeypatch.setattr(cls, "__getitem__", counted)
+    runs = []
+    for levels, counts in ((((3, 16),), (1,)), (((3, 16), (5, 8), (3, 16), (6, 8)), (1, 2, 1, 0))):
+        pool = HeadPool(levels, heads_per_level=2, hidden=4, num_groups=2).to(DEVICE)
+        features = [f.requires_grad_(True) for f in make_features(pool, 1)]
+        launched.clear()
+        with use_backend("triton", "head_stack"):
+            out = pool(features, pool.sample(counts))
+            forward = sorted(launched)
+            launched.clear()
+            out.sum().backward()
+        runs.append((forward, sorted(launched)))
+    assert len(runs[0][0]) == 2 * 2 + 1 and len(runs[0][1]) == 1 + 4 * 2      # depth 2
+    assert runs[1] == runs[0]
+
+
 def test_twenty_heads_all_levels_eager():
     pool = HeadPool(((3, 16), (5, 8), (6, 16), (3, 8)), heads_per_level=6, hidden=8, num_groups=4).to(DEVICE)
     features = make_features(pool, 2)

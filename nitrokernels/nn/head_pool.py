@@ -33,8 +33,8 @@ Head ids and host syncs. `forward(features, head_ids)` accepts any LongTensor of
 order, repeats allowed, several levels mixed) and returns logits in the caller's order. Grouping arbitrary
 ids by level needs their values on the host: one device->host copy (a sync) per call. `sample()` instead
 returns a `HeadSample` -- a LongTensor whose ids are laid out level-major with a fixed count per level,
-which it records -- and `forward` then slices it per level on the device with no host sync, so the step can
-be captured in a CUDA graph for a fixed count. On a GPU the range of a HeadSample's ids is then trusted (it
+which it records -- and `forward` then passes it as it is, with those counts, to the one op call (no
+host sync), so the step can be captured in a CUDA graph for a fixed count. On a GPU the range of a HeadSample's ids is then trusted (it
 is in range by construction; head_levels' device-side assert is the backstop); on the CPU it is checked.
 `pool.as_sample(ids, count_per_level)` validates a level-major id tensor of your own once and returns it
 as a HeadSample. Any operation on a HeadSample (indexing, cat, clone, .to another device) returns a plain

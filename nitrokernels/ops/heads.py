@@ -1,18 +1,32 @@
-"""`head_stack`: every sampled discriminator head of ONE feature level, forward and backward, in a few launches.
+"""`head_levels` / `head_stack`: every sampled discriminator head of one or several feature levels, forward and
+backward, one launch per kernel type per layer depth whatever the number of levels.
 
+    out = nitrokernels.ops.head_levels(features, conv_weights, conv_biases, norm_weights, norm_biases,
+                                       final_weights, final_biases, ids, counts, row_offsets=None,
+                                       num_groups=32, eps=1e-5)
     out = nitrokernels.ops.head_stack(feature, conv_weights, conv_biases, norm_weights, norm_biases,
                                       final_weight, final_bias, ids, num_groups=32, eps=1e-5)
 
-feature [B, C, S, S] (any memory layout) is shared by all sampled heads. Layer d of head ids[i] is
-Conv4x4/s2/p1 (conv_weights[d][ids[i]] [O_d, I_d, 4, 4], conv_biases[d][ids[i]]) -> GroupNorm(num_groups)
-with per-head affine (norm_weights[d][ids[i]], norm_biases[d][ids[i]]) -> SiLU; then the final conv
-final_weight[ids[i]] [1, O, k, k] + final_bias[ids[i]] [1]: k > 1 is a valid conv on the k x k map (global
-head; the map after the convs must be exactly k x k) -> out [h, B]; k == 1 is a 1x1 conv (local head) ->
-out [h, B, S', S'] with S' = S // 2**len(conv_weights). Each stride-2 conv maps S to S // 2 (torch's rule).
-The definition is `reference.head_stack_loop_reference`.
+head_levels takes one entry per level: features[l] [B, C_l, S_l, S_l] and level l's pooled parameters
+(conv_weights[l][d] ..., final_weights[l], final_biases[l]); level l's sampled heads are the pool rows
+ids[o_l : o_l + counts[l]] - row_offsets[l] (o_l = sum(counts[:l]); counts are host ints, so nothing is
+read back from the device; row_offsets default to 0 and let a caller such as HeadPool pass global head ids
+as they are). Levels may differ in channels, size and depth, and may have no sampled head; at every depth
+the levels deep enough share one width, and all final layers have one shape (the map after the convs and
+the final conv). out: [sum(counts), B] (global) or [sum(counts), B, S', S'] (local), rows in `ids` order.
+head_stack is the one-level case (ids are rows of its pool); it runs the same op and kernels.
 
-Gradients: `feature` gets a dense gradient summed over heads (in the feature's memory layout); every pooled
-parameter [P, ...] that requires grad gets a SPARSE COO gradient [P, ...] with indices = ids (call order,
+One level: feature [B, C, S, S] (any memory layout) is shared by all its sampled heads. Layer d of head
+ids[i] is Conv4x4/s2/p1 (conv_weights[d][ids[i]] [O_d, I_d, 4, 4], conv_biases[d][ids[i]]) ->
+GroupNorm(num_groups) with per-head affine (norm_weights[d][ids[i]], norm_biases[d][ids[i]]) -> SiLU; then
+the final conv final_weight[ids[i]] [1, O, k, k] + final_bias[ids[i]] [1]: k > 1 is a valid conv on the
+k x k map (global head; the map after the convs must be exactly k x k) -> out [h, B]; k == 1 is a 1x1 conv
+(local head) -> out [h, B, S', S'] with S' = S // 2**len(conv_weights). Each stride-2 conv maps S to S // 2
+(torch's rule). The definition is `reference.head_stack_loop_reference`, level by level.
+
+Gradients: every feature gets a dense gradient summed over its level's heads (in the feature's memory layout;
+none for a level without sampled heads); every pooled
+parameter [P, ...] that requires grad gets a SPARSE COO gradient [P, ...] with indices = the rows (call order,
 uncoalesced: a repeated id appears twice and sums on coalesce) and values = the per-sampled-head gradients
 (parameter dtype), so unsampled heads get no entries and no dense [P, ...] zero tensor is ever made; across
 backward calls autograd accumulates them into param.grad (still sparse, uncoalesced). Inputs that do not
@@ -20,25 +34,29 @@ require grad are skipped (no feature gradient GEMM when the feature is detached)
 by the same rule as forward, at backward time: both backends save the same tensors, so they can mix.
 
 Kept for backward: every layer's pre-norm conv output Y_d [h, B, S_d, S_d, O_d] (channels-last per head,
-input dtype) and its GroupNorm (mean, rstd) [h, B, G, 2] fp32 -- about a third of what the autograd loop
-keeps (conv input, GroupNorm input and output per layer). Normalised + SiLU activations are recomputed where
+input dtype) and its GroupNorm (mean, rstd) [H_d, B, G, 2] and folded affine [H_d, B, 2, O_d] (fp32, all
+levels of a depth stacked) -- about a third of what the autograd loop keeps (conv input, GroupNorm input
+and output per layer). Normalised + SiLU activations are recomputed where
 they are read (next layer's loads, weight gradients), as are SiLU' and x-hat in the backward epilogues.
 NITROKERNELS_HEADS_WEIGHTS=gathered makes the Triton convs read a per-call [h, 4, 4, I, O] copy of the sampled
 weights instead of gathering from the pool inside the kernel (see kernels/heads.py: weight_source).
 
-Backends (see ops.dispatch): "triton" (kernels/heads.py: grouped implicit-GEMM kernels, weights gathered by
-id inside the kernels, GroupNorm statistics in the conv epilogues, normalise+SiLU fused into the next
-layer's loads; no host syncs, so a fixed head count is CUDA-graph capturable) and "eager" (the batched
-eager form: one conv with concatenated gathered weights, grouped convs, GroupNorm over h*num_groups groups).
+Backends (see ops.dispatch; the dispatch name is "head_stack" for both ops): "triton" (kernels/heads.py:
+grouped implicit-GEMM kernels over all levels at once, weights gathered by id inside the kernels, GroupNorm
+statistics in the conv epilogues, normalise+SiLU fused into the next layer's loads; no host syncs, so a
+fixed head count is CUDA-graph capturable) and "eager" (per level, the batched eager form: one conv with
+concatenated gathered weights, grouped convs, GroupNorm over h*num_groups groups).
 
 Why torch.library ops with register_autograd (not an autograd.Function): register_autograd accepts a sparse
 COO gradient for a dense input and autograd accumulates it into param.grad across backward calls (checked
 in tests/test_heads_ops.py), and the ops are opaque to torch.compile (fullgraph, no graph break).
 
 ids out of range: on the CPU a clear IndexError before any kernel runs. On a GPU checking would need a
-host sync, so instead `torch._assert_async` raises a device-side assert (no sync, graph-capturable) and the
-kernels clamp the id for memory safety and write NaN for that head. Set NITROKERNELS_CHECK_IDS=1 to get the
-same IndexError on a GPU at the price of a sync.
+host sync, so instead one `torch._assert_async` over all levels raises a device-side assert (no sync,
+graph-capturable; its per-level bounds are cached on the device per (counts, offsets, pool sizes), so the
+first call of a new head count must run before a graph capture, as warm-up does) and the kernels clamp the
+id for memory safety and write NaN for that head. Set NITROKERNELS_CHECK_IDS=1 to get the same IndexError
+on a GPU at the price of a sync.
 """
 from __future__ import annotations
 
