@@ -515,3 +515,40 @@ def test_sdxl_shapes_on_gpu(dtype):
     for level in {h // 2 for h in ids.tolist()}:
         assert torch.isfinite(features[level].grad).all()
     assert F.softplus(out.float()).isfinite().all()
+
+
+@pytest.mark.gpu
+def test_all_levels_step_captured_in_a_cuda_graph():
+    """The 10-level SDXL pool with a HeadSample: forward + backward in one op call per direction runs without
+    host syncs and replays from a CUDA graph with the eager results."""
+    pool = HeadPool(heads_per_level=2, hidden=64, num_groups=32, device="cuda", dtype=torch.bfloat16)
+    features = [random_tensor((2, c, s, s), dtype=torch.bfloat16, device="cuda", requires_grad=True)
+                for c, s in pool.levels]
+    ids = pool.sample(1, generator=torch.Generator(device="cuda").manual_seed(0))
+    params = list(pool.parameters())
+    grad_out = torch.randn(pool.output_shape(len(ids), 2), device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = pool(features, ids)
+        return (out, *torch.autograd.grad(out, features + params, grad_out, allow_unused=True))
+
+    expected = step()                                   # compiles the kernels, caches the id bounds
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for e, g in zip(expected, static):
+        if e is not None:
+            torch.testing.assert_close(g.to_dense() if g.is_sparse else g, e.to_dense() if e.is_sparse else e)

@@ -455,6 +455,24 @@ def test_levels_feature_layouts_and_small_blocks(poisoned, monkeypatch):
     assert got[1][0].stride() == torch.empty_like(feats[0]).stride()     # the feature's own layout
 
 
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_levels_feature_grad_of_some_levels_only(poisoned, backend):
+    """Only level 1's feature requires grad, no parameter does: that level's feature gradient alone, from the
+    layer-1 data gradient restricted to the levels that need it (and no parameter-gradient kernels)."""
+    levels = [(5, 16, 2, 3, [2, 0]), (4, 8, 1, 2, [1, 1])]
+    per_level, ids, counts = make_levels(4, levels)
+    grad_out = level_grad_out(4, counts)
+    ref_out, ref_grads = run_per_level([leaves(a, torch.float64) for a in per_level], ids, counts, grad_out, loop_fn)
+    ops = [leaves(a, requires_grad=False) for a in per_level]
+    ops[1] = (ops[1][0].detach().requires_grad_(True),) + ops[1][1:]
+    lists = [[a[i] for a in ops] for i in range(7)]
+    with use_backend(backend, "head_stack"):
+        out = head_levels(*lists, ids, counts, num_groups=4)
+        (g,) = torch.autograd.grad(out, [ops[1][0]], grad_out.to(out.dtype))
+    assert_close_to_reference(out, ref_out, name="logits")
+    assert_close_to_reference(g, ref_grads[len(flat(per_level[0]))], name="grad feature of level 1")
+
+
 def _count_launches(monkeypatch):
     counts = {}
     cls = type(head_kernels._conv_fwd_kernel)
