@@ -418,6 +418,9 @@ def test_levels_sparse_rows_and_row_offsets():
     grad_out = level_grad_out(4, counts)
     got = run_levels([leaves(a) for a in per_level], shifted, counts, grad_out, "triton", offsets)
     _check_levels(per_level, ids, counts, grad_out, got, "offsets")
+    lists = [[a[i].double() if i in (0, 5, 6) else [t.double() for t in a[i]] for a in per_level] for i in range(7)]
+    ref = reference.head_levels_loop_reference(*lists, shifted, counts, offsets, num_groups=4)
+    assert_close_to_reference(got[0], ref, name="vs head_levels_loop_reference")
     i, start = 0, 0
     for a, c in zip(per_level, counts):
         n = len(flat(a))
