@@ -1,6 +1,8 @@
 """Triton kernels of the grouped discriminator heads (`nitrokernels.ops.head_levels` / `head_stack`).
 
-All sampled heads of ALL feature levels run together, one launch per kernel type per layer depth:
+All sampled heads of ALL feature levels run together, one launch per kernel type per layer depth (the
+10-level SDXL pool, depths 5/4/3: 11 launches forward, 21 backward, whatever the level count; one call per
+level made 49 and 127, plus per-level host-side GroupNorm glue):
 
   forward   _conv_fwd_kernel    implicit-GEMM Conv4x4/s2/p1 for every sampled head of every level that is at
                                 least d+1 layers deep (head on grid axis 2). Layer 1 reads the level's SHARED
@@ -33,8 +35,12 @@ pointers / sizes with a `tl.static_range` chain. Nothing per call is copied to t
 count stays CUDA-graph capturable. Levels are ordered by depth (deepest first, stable): the heads taking
 part at depth d are then a PREFIX of that order, so per-depth buffers (GroupNorm partials, stats, affine,
 backward coefficients) are [H_d, ...] tensors indexed by the same "sorted head" index at every depth. Grid
-axis 0 covers the largest level's tiles; programs past their own level's tiles return at once. Block sizes
-are per launch (cut to the largest level). Logits and final-layer gradients are in the caller's order.
+axes cover the largest level's tiles / channel blocks; programs past their own level's return at once, or
+(data / weight gradients: an early return around their GEMM loops makes ptxas spill) run zero loop trips and
+store nothing. Block sizes are per launch (cut to the largest level). Logits and final-layer gradients are in
+the caller's order. Host-side work per call that is not a kernel: channels-last copies of features that
+are not channels-last (forward, and again for the weight gradient), one zero-fill of the GroupNorm partials
+per depth, the final-layer gradient reductions.
 
 Activation layout: per level and head channels-last, [h, B, S, S, O] contiguous. Kept for backward: every
 layer's pre-norm conv output Y_d (input dtype), its GroupNorm (mean, rstd) [H_d, B, G, 2] and folded affine
@@ -783,6 +789,8 @@ class _Plan:
 
 
 def _contig(tensors, lv, d=None) -> tuple:
+    """Per-level pooled tensors, contiguous (the kernels derive their strides from the shapes; parameters
+    already are, so this copies nothing unless a caller passes a strided view)."""
     return tuple((tensors[l] if d is None else tensors[l][d]).contiguous() for l in lv)
 
 
