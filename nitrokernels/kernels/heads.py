@@ -214,8 +214,8 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _gn_fwd_finish_kernel(
-    gammas, betas, hs, starts, roffs, pools,           # per level: pooled norm weight / bias [P, O], ints
-    ids_ptr, part_ptr,                                 # partials [H, B, TT, O, 3] (unused tiles are zero)
+    gammas, betas, ntiles, hs, starts, roffs, pools,   # per level: pooled norm weight / bias [P, O], tiles written
+    ids_ptr, part_ptr,                                 # partials [H, B, TT, O, 3] (tiles >= ntiles[level] unwritten)
     stats_ptr, aff_ptr,                                # out: (mean, rstd) [H, B, G, 2], (scale, shift) [H, B, 2, O]
     B, O, TT, G, CPG, eps,
     L: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BC: tl.constexpr,
@@ -231,20 +231,21 @@ def _gn_fwd_finish_kernel(
     cs = gi[:, None] * CPG + j[None, :]                                  # [BG, BC] channel index
     c_ok = (gi < G)[:, None] & (j < CPG)[None, :]
     base = part_ptr + hb.to(tl.int64) * TT * O * 3 + cs[None, :, :] * 3
+    T = _pick(ntiles, lvl, L)
     total = tl.zeros((BG,), dtype=tl.float32)
     wsum = tl.zeros((BG,), dtype=tl.float32)
-    for t0 in range(0, TT, BT):                         # pass 1: counts and count-weighted tile means
+    for t0 in range(0, T, BT):                          # pass 1: counts and count-weighted tile means
         ts = t0 + tl.arange(0, BT)
-        m = (ts < TT)[:, None, None] & c_ok[None, :, :]
+        m = (ts < T)[:, None, None] & c_ok[None, :, :]
         ptr = base + ts[:, None, None] * O * 3
         n = tl.load(ptr, mask=m, other=0.0)
         total += tl.sum(tl.sum(n, axis=2), axis=0)
         wsum += tl.sum(tl.sum(n * tl.load(ptr + 1, mask=m, other=0.0), axis=2), axis=0)
     mean = wsum / tl.where(gi < G, total, 1.0)
     m2 = tl.zeros((BG,), dtype=tl.float32)
-    for t0 in range(0, TT, BT):                         # pass 2: M2 = sum M2_t + sum n_t (mean_t - mean)^2
+    for t0 in range(0, T, BT):                          # pass 2: M2 = sum M2_t + sum n_t (mean_t - mean)^2
         ts = t0 + tl.arange(0, BT)
-        m = (ts < TT)[:, None, None] & c_ok[None, :, :]
+        m = (ts < T)[:, None, None] & c_ok[None, :, :]
         ptr = base + ts[:, None, None] * O * 3
         n = tl.load(ptr, mask=m, other=0.0)
         dv = tl.where(m, tl.load(ptr + 1, mask=m, other=0.0) - mean[None, :, None], 0.0)
@@ -384,8 +385,8 @@ def _final_bwd_kernel(
 
 @triton.jit
 def _gn_bwd_finish_kernel(
-    gammas, sizes, hs, starts, roffs, pools,           # per level: pooled norm weight [P, I], map size, ints
-    ids_ptr, part_ptr, stats_ptr,                      # partials [H, B, TT, I, 3] (unused tiles zero), stats
+    gammas, sizes, ntiles, hs, starts, roffs, pools,   # per level: pooled norm weight [P, I], map size, tiles
+    ids_ptr, part_ptr, stats_ptr,                      # partials [H, B, TT, I, 3] (tiles >= ntiles unwritten), stats
     coef_ptr,                                          # out: [H, B, I, 3] fp32 (alpha, beta, delta)
     gg_ptr, gbe_ptr, gb_ptr,                           # out: [H, I] gamma / beta / conv-bias grads (param dtype)
     B, I, TT, G, CPG,
@@ -406,6 +407,7 @@ def _gn_bwd_finish_kernel(
     g_ok = gi < G
     c_ok = g_ok[:, None] & (j < CPG)[None, :]
     gamma = tl.load(_pick_ptr(gammas, lvl, L) + row * I + cs, mask=c_ok, other=0.0).to(tl.float32)
+    T = _pick(ntiles, lvl, L)
     acc_g = tl.zeros((BG, BC), dtype=tl.float32)
     acc_be = tl.zeros((BG, BC), dtype=tl.float32)
     acc_b = tl.zeros((BG, BC), dtype=tl.float32)
@@ -414,9 +416,9 @@ def _gn_bwd_finish_kernel(
         p1 = tl.zeros((BG, BC), dtype=tl.float32)
         p2 = tl.zeros((BG, BC), dtype=tl.float32)
         p3 = tl.zeros((BG, BC), dtype=tl.float32)
-        for t0 in range(0, TT, BT):
+        for t0 in range(0, T, BT):
             ts = t0 + tl.arange(0, BT)
-            m = (ts < TT)[:, None, None] & c_ok[None, :, :]
+            m = (ts < T)[:, None, None] & c_ok[None, :, :]
             ptr = part_ptr + (hb * TT + ts[:, None, None]) * I * 3 + cs[None, :, :] * 3
             p1 += tl.sum(tl.load(ptr, mask=m, other=0.0), axis=0)
             p2 += tl.sum(tl.load(ptr + 1, mask=m, other=0.0), axis=0)
@@ -858,7 +860,7 @@ def levels_forward(features, conv_weights, conv_biases, norm_weights, norm_biase
         bn = _clamp_block(c_out, 16, "fwd_n")
         bkc = _clamp_block(max(chans), 16, "fwd_kc")
         tiles = max(triton.cdiv(n, bm) for n in npix)
-        part = torch.zeros((heads, batch, tiles, c_out, 3), dtype=torch.float32, device=device)
+        part = torch.empty((heads, batch, tiles, c_out, 3), dtype=torch.float32, device=device)
         _conv_fwd_kernel[(batch * tiles, triton.cdiv(c_out, bn), heads)](
             tuple(xs[l] for l in lv), plan.weights(conv_weights, d, lv, gathered), _contig(conv_biases, lv, d),
             tuple(ys[l][d] for l in lv), *plan.meta(lv), sizes, chans, affine[d - 1] if d else part, ids, part,
@@ -867,7 +869,8 @@ def levels_forward(features, conv_weights, conv_biases, norm_weights, norm_biase
             C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=3)
         cpg = c_out // groups
         _gn_fwd_finish_kernel[(heads * batch,)](
-            _contig(norm_weights, lv, d), _contig(norm_biases, lv, d), *plan.meta(lv), ids, part, stats[d],
+            _contig(norm_weights, lv, d), _contig(norm_biases, lv, d), tuple(triton.cdiv(n, bm) for n in npix),
+            *plan.meta(lv), ids, part, stats[d],
             affine[d], batch, c_out, tiles, groups, cpg, float(eps),
             L=len(lv), **_gn_blocks(tiles, groups, cpg), num_warps=4)
         for l in lv:
@@ -918,19 +921,22 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
     c_out = [conv_weights[plan.at(d)[0]][d].shape[1] for d in range(dmax)]
 
     # GroupNorm-backward partials of depth d: written by the final kernel (levels whose last layer is d) at
-    # tiles [0, T_final) and by layer d+1's data gradient (deeper levels) at tiles [0, 4 * T); zero elsewhere.
+    # tiles [0, T_final) and by layer d+1's data gradient (deeper levels) at tiles [0, 4 * T_level).
     k = final_weights[0].shape[-1]
     is_global = k != 1
     hidden = final_weights[order[0]].shape[2]
     s_fin, bq, bc, t_fin = _final_config(plan, hidden, is_global)
     dg_cfg = {d: _dgrad_config(plan, d, plan.at(d), c_out[d]) for d in range(1, dmax)}
-    part_tiles = []
-    for d in range(dmax):
-        n = t_fin if any(plan.depths[l] == d + 1 for l in order) else 1
-        if d + 1 < dmax and plan.at(d + 1):
-            n = max(n, 4 * dg_cfg[d + 1][3])
-        part_tiles.append(n)
-    parts = [torch.zeros((plan.heads(d), batch, part_tiles[d], c_out[d], 3), dtype=torch.float32, device=device)
+    written = {}                                 # (level, depth) -> partial tiles written
+    for l in order:
+        for d in range(plan.depths[l]):
+            if d == plan.depths[l] - 1:
+                written[(l, d)] = t_fin
+            else:
+                hc = (plan.sizes[l][d + 1] + 1) // 2
+                written[(l, d)] = 4 * triton.cdiv(hc * hc, dg_cfg[d + 1][0])
+    part_tiles = [max(written[(l, d)] for l in plan.at(d)) for d in range(dmax)]
+    parts = [torch.empty((plan.heads(d), batch, part_tiles[d], c_out[d], 3), dtype=torch.float32, device=device)
              for d in range(dmax)]
 
     # ---- final conv and the GroupNorm + SiLU of every level's last layer
@@ -961,7 +967,7 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
         g_gamma[d], g_beta[d], g_b[d] = (torch.empty((heads, co), dtype=dtype, device=device) for _ in range(3))
         out_sizes = tuple(plan.sizes[l][d + 1] for l in lv)
         _gn_bwd_finish_kernel[(heads,)](
-            _contig(norm_weights, lv, d), out_sizes, *meta, ids, parts[d], stats[d], coef, g_gamma[d], g_beta[d],
+            _contig(norm_weights, lv, d), out_sizes, tuple(written[(l, d)] for l in lv), *meta, ids, parts[d], stats[d], coef, g_gamma[d], g_beta[d],
             g_b[d], batch, co, part_tiles[d], groups, cpg,
             L=len(lv), **_gn_blocks(part_tiles[d], groups, cpg), num_warps=4)
         eq = _clamp_block(max(out_sizes) ** 2, 16, "ew_q")
