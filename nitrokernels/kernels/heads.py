@@ -39,8 +39,7 @@ axes cover the largest level's tiles / channel blocks; programs past their own l
 (data / weight gradients: an early return around their GEMM loops makes ptxas spill) run zero loop trips and
 store nothing. Block sizes are per launch (cut to the largest level). Logits and final-layer gradients are in
 the caller's order. Host-side work per call that is not a kernel: channels-last copies of features that
-are not channels-last (forward, and again for the weight gradient), one zero-fill of the GroupNorm partials
-per depth, the final-layer gradient reductions.
+are not channels-last (forward, and again for the weight gradient) and the final-layer gradient reductions.
 
 Activation layout: per level and head channels-last, [h, B, S, S, O] contiguous. Kept for backward: every
 layer's pre-norm conv output Y_d (input dtype), its GroupNorm (mean, rstd) [H_d, B, G, 2] and folded affine
