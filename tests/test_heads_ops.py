@@ -476,6 +476,34 @@ def test_levels_feature_grad_of_some_levels_only(poisoned, backend):
     assert_close_to_reference(g, ref_grads[len(flat(per_level[0]))], name="grad feature of level 1")
 
 
+def _bad_levels(change):
+    per_level, ids, counts = make_levels(4, [(5, 16, 2, 3, [2, 0]), (4, 8, 1, 2, [1])])
+    lists = [[a[i] for a in per_level] for i in range(7)]
+    kwargs = dict(ids=ids, counts=counts, row_offsets=None)
+    change(lists, kwargs)
+    return lambda: head_levels(*lists, kwargs["ids"], kwargs["counts"], kwargs["row_offsets"], num_groups=4)
+
+
+def _swap_level(lists, level, other):
+    for i in range(7):
+        lists[i][level] = other[i]
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda l, k: k.update(counts=[2, 2]), ValueError, "counts"),
+    (lambda l, k: _swap_level(l, 1, make_pool(2, 4, 8, 32, 1, 4, 1)), ValueError, "same width"),
+    (lambda l, k: _swap_level(l, 1, make_pool(2, 4, 8, 16, 1, 4, 2)), ValueError, "one batch"),
+    (lambda l, k: _swap_level(l, 1, make_pool(2, 4, 16, 16, 1, 1, 1)), ValueError, "final"),
+    (lambda l, k: k.update(ids=torch.tensor([2, 0, 2])), IndexError, r"level 1.*\[0, 2\)"),
+    (lambda l, k: k.update(ids=torch.tensor([2, 0, 1]), row_offsets=[0, 5]), IndexError, "level 1"),
+])
+def test_levels_bad_input_rejected_before_any_kernel(monkeypatch, change, error, match):
+    """What one launch per depth needs, checked on the host with the level named."""
+    monkeypatch.setattr(head_kernels, "levels_forward", lambda *a, **k: pytest.fail("a kernel ran"))
+    with pytest.raises(error, match=match):
+        _bad_levels(change)()
+
+
 def _count_launches(monkeypatch):
     counts = {}
     cls = type(head_kernels._conv_fwd_kernel)
