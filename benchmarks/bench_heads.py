@@ -4,7 +4,10 @@ SDXL features at 1024² (latent 128², the 10 levels of NitroFusion), batch 5, b
 10 / 40 / 160 sampled heads (1 / 4 / 16 per level) of one pool with 16 heads per level. Variants, same run:
 
   fused          HeadPool(features, ids) with ids from pool.sample (no host sync), gradients to the features
-                 and to the pooled weights (sparse rows)
+                 and to the pooled weights (sparse rows): all 10 levels in ONE ops.head_levels call (one
+                 Triton launch per kernel type per layer depth: 11 forward, 21 backward at these shapes)
+  fused_per_level  the same kernels with one ops.head_stack call per level (HeadPool's previous form:
+                 49 forward, 127 backward Triton launches plus the per-level host-side GroupNorm glue)
   fused+graph    the same step captured in a CUDA graph (when capture works; reported beside the others)
   eager_loop     the Python loop over the sampled heads as plain torch modules (pool.as_module)
   batched+graph  the careful eager form (nitrokernels.ops.reference.head_stack_batched_eager: first layers
@@ -22,6 +25,7 @@ import pytest
 import torch
 
 from nitrokernels.nn.head_pool import SDXL_LEVELS, HeadPool
+from nitrokernels.ops.heads import head_stack
 from nitrokernels.ops.reference import head_stack_batched_eager
 
 BATCH = 5
@@ -107,7 +111,13 @@ def test_heads_forward_backward(nk_bench, setup, heads):
                 heads_of_level.final_bias, rows[level], num_groups=pool.num_groups, eps=pool.eps))
         return torch.autograd.grad(torch.cat(outs), features + params, grad_out)
 
-    variants = {"fused": fused, "eager_loop": eager_loop}
+    def fused_per_level():   # one head_stack call per level, outputs concatenated
+        outs = [head_stack(features[level], list(p.conv_weight), list(p.conv_bias), list(p.norm_weight),
+                           list(p.norm_bias), p.final_weight, p.final_bias, rows[level], num_groups=pool.num_groups,
+                           eps=pool.eps) for level, p in enumerate(pool.pools)]
+        return torch.autograd.grad(torch.cat(outs), features + params, grad_out, allow_unused=True)
+
+    variants = {"fused": fused, "fused_per_level": fused_per_level, "eager_loop": eager_loop}
     notes = []
     batched_graph, batched_mb = _graph(batched_eager)
     variants["batched+graph"] = batched_graph

@@ -1,4 +1,5 @@
-"""ops.head_stack on ONE SDXL feature level: all sampled heads, forward + backward, fused vs its baselines.
+"""ops.head_stack (the one-level case of ops.head_levels) on ONE SDXL feature level: all sampled heads, forward +
+backward, fused vs its baselines.
 
 SDXL 1024² features (latent 128²), batch 5, bf16, hidden 256, GroupNorm(32), global heads (down to 4x4, then
 a 4x4 conv), 40 sampled heads of one level (pool of 48, repeats allowed), gradients to the feature and to

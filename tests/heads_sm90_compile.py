@@ -1,8 +1,10 @@
-"""Compile every Triton launch of ops.head_stack (forward + backward) for sm_90 without a GPU.
+"""Compile every Triton launch of ops.head_levels / head_stack (forward + backward) for sm_90 without a GPU.
 
     TRITON_INTERPRET= python tests/heads_sm90_compile.py [bfloat16 float32 ...]   -> JSON lines on stdout
 
-The host code runs on `meta` tensors at SDXL head shapes with the launches recorded instead of run; each
+The host code runs on `meta` tensors at SDXL head shapes -- the 10-level SDXL pool in ONE multi-level call
+(levels of depth 5 / 4 / 3, tuple-of-pointer arguments) and single levels -- with the launches recorded
+instead of run; each
 distinct launch is then compiled by Triton for an H100 (sm_90a) and assembled with the bundled ptxas, which
 reports registers, spills and shared memory. tests/test_heads_ops.py runs this in a subprocess (the test
 process itself has the interpreter on) and checks that every kernel fits and that bf16 kernels do not spill.
@@ -40,8 +42,24 @@ def _record(self, *args, grid, warmup, **kwargs):
     _launches.append((self, args, kwargs))
 
 
+def _type(v):
+    """(signature type, specialise as constexpr?, 16-divisible?) of one argument value, like Triton's JIT."""
+    if isinstance(v, torch.Tensor):
+        return "*" + _TYPES[v.dtype], False, True
+    if isinstance(v, bool):
+        return "i1", False, False
+    if isinstance(v, int):
+        if v == 1:
+            return "constexpr", True, False
+        return ("i32" if -2**31 <= v < 2**31 else "i64"), False, v % 16 == 0
+    if isinstance(v, float):
+        return "fp32", False, False
+    raise TypeError(f"cannot type argument {v!r}")
+
+
 def compile_launch(fn, args, kwargs) -> dict:
-    """Compile one recorded launch like Triton's JIT would specialise it (16-divisible ints, ints == 1)."""
+    """Compile one recorded launch like Triton's JIT would specialise it (16-divisible ints, ints == 1),
+    tuple arguments (one entry per level) element by element."""
     kwargs = dict(kwargs)
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     values = dict(zip(fn.arg_names, args))
@@ -49,20 +67,26 @@ def compile_launch(fn, args, kwargs) -> dict:
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         v = values[name]
-        if param.is_constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
+        if param.is_constexpr:
             signature[name], constexprs[name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            signature[name], attrs[(i,)] = "*" + _TYPES[v.dtype], [["tt.divisibility", 16]]
-        elif isinstance(v, bool):
-            signature[name] = "i1"
-        elif isinstance(v, int):
-            signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
-            if v % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, float):
-            signature[name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {name}={v!r}")
+            continue
+        if isinstance(v, tuple):
+            types = []
+            for j, e in enumerate(v):
+                ty, const, div = _type(e)
+                types.append(ty)
+                if const:
+                    constexprs[(i, j)] = e
+                if div:
+                    attrs[(i, j)] = [["tt.divisibility", 16]]
+            signature[name] = tuple(types)
+            continue
+        ty, const, div = _type(v)
+        signature[name] = ty
+        if const:
+            constexprs[name] = v
+        if div:
+            attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", ARCH, 32), options=options)
     ptx = compiled.asm["ptx"]
@@ -82,11 +106,9 @@ def compile_launch(fn, args, kwargs) -> dict:
             "wgmma": ptx.count("wgmma.mma_async"), "cp_async": ptx.count("cp.async.c")}
 
 
-def record_head_stack(dtype, channels, size, depth, k, batch=5, heads=4, hidden=256, groups=32, pool=8):
-    """Run forward + backward host code on meta tensors, recording the kernel launches."""
-    def empty(*shape, dt=dtype):
-        return torch.empty(*shape, dtype=dt, device="meta")
-    feature = empty(batch, channels, size, size)
+def _level_params(dtype, channels, depth, k, hidden, pool):
+    def empty(*shape):
+        return torch.empty(*shape, dtype=dtype, device="meta")
     conv_w, conv_b, norm_w, norm_b = [], [], [], []
     c_in = channels
     for _ in range(depth):
@@ -95,18 +117,28 @@ def record_head_stack(dtype, channels, size, depth, k, batch=5, heads=4, hidden=
         norm_w.append(empty(pool, hidden))
         norm_b.append(empty(pool, hidden))
         c_in = hidden
-    final_w, final_b = empty(pool, 1, hidden, k, k), empty(pool, 1)
-    ids = empty(heads, dt=torch.long)
+    return conv_w, conv_b, norm_w, norm_b, empty(pool, 1, hidden, k, k), empty(pool, 1)
+
+
+def record_levels(dtype, levels, k, batch=5, heads=4, hidden=256, groups=32, pool=8):
+    """Run the multi-level forward + backward host code on meta tensors, recording the kernel launches.
+    levels: [(channels, size, depth)]; every level gets `heads` sampled heads."""
+    features = [torch.empty(batch, c, s, s, dtype=dtype, device="meta") for c, s, _ in levels]
+    params = [_level_params(dtype, c, depth, k, hidden, pool) for c, _, depth in levels]
+    lists = [[p[i] for p in params] for i in range(6)]
+    ids = torch.empty(heads * len(levels), dtype=torch.long, device="meta")
+    counts, offsets = [heads] * len(levels), [0] * len(levels)
     _launches.clear()
-    out, ys, stats = kernels.head_stack_forward(feature, conv_w, conv_b, norm_w, norm_b, final_w, final_b, ids,
-                                                groups, 1e-5)
-    kernels.head_stack_backward(torch.empty_like(out), feature, conv_w, conv_b, norm_w, norm_b, final_w, final_b,
-                                ids, ys, stats, groups, 1e-5, True, True)
+    out, ys, stats, affine = kernels.levels_forward(features, *lists, ids, counts, offsets, groups, 1e-5)
+    kernels.levels_backward(torch.empty_like(out), features, *lists, ids, counts, offsets, ys, stats, affine, groups,
+                            1e-5, [True] * len(levels), True)
     return list(_launches)
 
 
-# SDXL feature levels (global heads to 4x4, one local head level), hidden 256, batch 5.
-CASES = [(320, 128, 5, 4), (1280, 32, 3, 4), (640, 64, 3, 1)]
+# SDXL feature levels at 1024² (global heads to 4x4: depths 5 / 4 / 3), hidden 256, batch 5: the whole
+# 10-level pool in one call, and single levels (the head_stack case; one local-head level).
+SDXL = [(320, 128, 5)] * 3 + [(320, 64, 4), (640, 64, 4), (640, 64, 4), (640, 32, 3)] + [(1280, 32, 3)] * 3
+CASES = [(SDXL, 4), ([(320, 128, 5)], 4), ([(1280, 32, 3)], 4), ([(640, 64, 3)], 1)]
 
 
 def main(dtypes):
@@ -114,8 +146,9 @@ def main(dtypes):
     seen = set()
     for dtype in dtypes:
         for case in CASES:
-            for fn, args, kwargs in record_head_stack(dtype, *case):
-                key = (fn.__name__, str(dtype), tuple(sorted(kwargs.items())))
+            for fn, args, kwargs in record_levels(dtype, *case):
+                key = (fn.__name__, str(dtype), tuple(sorted(kwargs.items())),
+                       tuple(len(a) if isinstance(a, tuple) else -1 for a in args))
                 if key in seen:
                     continue
                 seen.add(key)

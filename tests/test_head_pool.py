@@ -144,6 +144,33 @@ def test_features_in_another_dtype_than_the_pool(backend):
     assert all(p.grad.dtype == torch.float64 and p.grad.is_sparse for p in pool.parameters())
 
 
+def test_kernel_launches_do_not_grow_with_levels(monkeypatch):
+    """All levels run in ONE op call: a 4-level pool (mixed depths, a level without sampled heads) launches
+    the same kernels as a 1-level pool of the same greatest depth, forward and backward."""
+    import nitrokernels.kernels.heads as kernels
+    launched = []
+    cls = type(kernels._conv_fwd_kernel)
+    getitem = cls.__getitem__
+
+    def counted(self, grid):
+        launched.append(self.fn.__name__)
+        return getitem(self, grid)
+    monkeypatch.setattr(cls, "__getitem__", counted)
+    runs = []
+    for levels, counts in ((((3, 16),), (1,)), (((3, 16), (5, 8), (3, 16), (6, 8)), (1, 2, 1, 0))):
+        pool = HeadPool(levels, heads_per_level=2, hidden=4, num_groups=2).to(DEVICE)
+        features = [f.requires_grad_(True) for f in make_features(pool, 1)]
+        launched.clear()
+        with use_backend("triton", "head_stack"):
+            out = pool(features, pool.sample(counts))
+            forward = sorted(launched)
+            launched.clear()
+            out.sum().backward()
+        runs.append((forward, sorted(launched)))
+    assert len(runs[0][0]) == 2 * 2 + 1 and len(runs[0][1]) == 1 + 4 * 2      # depth 2
+    assert runs[1] == runs[0]
+
+
 def test_twenty_heads_all_levels_eager():
     pool = HeadPool(((3, 16), (5, 8), (6, 16), (3, 8)), heads_per_level=6, hidden=8, num_groups=4).to(DEVICE)
     features = make_features(pool, 2)
@@ -153,25 +180,26 @@ def test_twenty_heads_all_levels_eager():
 
 
 def test_fast_path_does_not_sync_or_regroup(monkeypatch):
-    """A HeadSample is sliced per level: one op call per used level, ids never copied to the host."""
+    """A HeadSample goes to ONE op call for all levels as it is (per-level counts and row offsets on the host),
+    ids never copied to the host; other ids are grouped by level on the host first."""
     pool = HeadPool(((3, 8), (5, 16)), heads_per_level=3, hidden=4, num_groups=2)
     calls = []
 
-    def fake(feature, *args, **kwargs):
-        rows = args[-1]
-        calls.append(rows.tolist())
-        return torch.zeros(rows.numel(), feature.shape[0])
+    def fake(features, *args, **kwargs):
+        ids, counts, offsets = args[6:9]
+        calls.append((ids.tolist(), list(counts), list(offsets)))
+        return torch.zeros(ids.numel(), features[0].shape[0])
 
-    monkeypatch.setattr(head_pool_module, "_head_stack", fake)
+    monkeypatch.setattr(head_pool_module, "_head_levels", fake)
     ids = HeadSample(torch.tensor([2, 0, 4, 3]), (2, 2), 3)
     real_cpu = torch.Tensor.cpu
     monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: pytest.fail("host copy on the fast path"))
     pool(make_features(pool, 1), ids)
     monkeypatch.setattr(torch.Tensor, "cpu", real_cpu)
-    assert calls == [[2, 0], [1, 0]]  # rows within each level, caller's order kept
+    assert calls == [([2, 0, 4, 3], [2, 2], [0, 3])]   # one call, caller's order kept
     calls.clear()
     out = pool(make_features(pool, 1), torch.tensor([4, 0, 3, 2]))  # general path: grouped, then reordered
-    assert calls == [[0, 2], [1, 0]] and out.shape == (4, 1)
+    assert calls == [([0, 2, 4, 3], [2, 2], [0, 3])] and out.shape == (4, 1)
 
 
 def test_empty_ids():
@@ -323,7 +351,7 @@ def test_as_sample_validates_once():
 # ------------------------------------------------------------------------------------- bad input
 @pytest.fixture
 def no_kernel(monkeypatch):
-    monkeypatch.setattr(head_pool_module, "_head_stack",
+    monkeypatch.setattr(head_pool_module, "_head_levels",
                         lambda *a, **k: pytest.fail("a kernel ran before the input was rejected"))
 
 
@@ -487,3 +515,40 @@ def test_sdxl_shapes_on_gpu(dtype):
     for level in {h // 2 for h in ids.tolist()}:
         assert torch.isfinite(features[level].grad).all()
     assert F.softplus(out.float()).isfinite().all()
+
+
+@pytest.mark.gpu
+def test_all_levels_step_captured_in_a_cuda_graph():
+    """The 10-level SDXL pool with a HeadSample: forward + backward in one op call per direction runs without
+    host syncs and replays from a CUDA graph with the eager results."""
+    pool = HeadPool(heads_per_level=2, hidden=64, num_groups=32, device="cuda", dtype=torch.bfloat16)
+    features = [random_tensor((2, c, s, s), dtype=torch.bfloat16, device="cuda", requires_grad=True)
+                for c, s in pool.levels]
+    ids = pool.sample(1, generator=torch.Generator(device="cuda").manual_seed(0))
+    params = list(pool.parameters())
+    grad_out = torch.randn(pool.output_shape(len(ids), 2), device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = pool(features, ids)
+        return (out, *torch.autograd.grad(out, features + params, grad_out, allow_unused=True))
+
+    expected = step()                                   # compiles the kernels, caches the id bounds
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for e, g in zip(expected, static):
+        if e is not None:
+            torch.testing.assert_close(g.to_dense() if g.is_sparse else g, e.to_dense() if e.is_sparse else e)

@@ -17,7 +17,7 @@ import torch
 import nitrokernels.kernels.heads as head_kernels
 from nitrokernels.ops import reference
 from nitrokernels.ops.dispatch import BackendUnavailable, use_backend
-from nitrokernels.ops.heads import HEAD_STACK, head_stack
+from nitrokernels.ops.heads import HEAD_STACK, head_levels, head_stack
 from nitrokernels.testing import assert_close_to_reference, non_contiguous
 
 HAS_CUDA = torch.cuda.is_available()
@@ -306,7 +306,7 @@ def _with(args, index, value):
 def test_bad_input_raises_clear_error_before_any_kernel(monkeypatch, bad, error, match):
     def no_kernel(*args, **kwargs):
         raise AssertionError("a kernel ran before the input was rejected")
-    monkeypatch.setattr(head_kernels, "head_stack_forward", no_kernel)
+    monkeypatch.setattr(head_kernels, "levels_forward", no_kernel)
     with pytest.raises(error, match=match):
         bad(_good())
 
@@ -322,6 +322,224 @@ def test_triton_declines_float64_and_says_why():
     torch.testing.assert_close(out, reference.head_stack_loop_reference(*args, ids, 4))
 
 
+# ====================================================================================== multi-level
+# (channels, size, depth, pool, ids) per level: mixed channels, sizes and depths (all end at 4x4), a level
+# with no sampled head, repeated and unordered ids; hidden 16, 4 groups, batch 1 (the interpreter is slow).
+LEVELS = [(5, 16, 2, 4, [3, 0, 3]), (3, 8, 1, 3, []), (6, 32, 3, 2, [1]), (4, 8, 1, 5, [4, 2, 0])]
+
+
+def make_levels(k, levels=LEVELS, hidden=16, batch=1):
+    """Per-level (feature, params...) tuples, the concatenated ids and the counts."""
+    args = [make_pool(pool, c, s, hidden, depth, k, batch) for c, s, depth, pool, _ in levels]
+    ids = torch.tensor([i for *_, lv_ids in levels for i in lv_ids], dtype=torch.long)
+    return args, ids, [len(lv[-1]) for lv in levels]
+
+
+def run_levels(per_level, ids, counts, grad_out, backend, row_offsets=None):
+    """(logits, [flat gradients of every level]) of ONE head_levels call."""
+    lists = [[a[i] for a in per_level] for i in range(7)]
+    with use_backend(backend, "head_stack"):
+        out = head_levels(*lists, ids, counts, row_offsets, num_groups=4)
+        leaves_ = [t for a in per_level for t in flat(a)]
+        grads = torch.autograd.grad(out, leaves_, grad_out.to(out.dtype), allow_unused=True)
+    return out, grads
+
+
+def run_per_level(per_level, ids, counts, grad_out, fn):
+    """The same with one call per level: fn(level args, level ids) -> logits (head_stack or the loop)."""
+    outs, start = [], 0
+    for a, c in zip(per_level, counts):
+        if c:
+            outs.append(fn(a, ids[start:start + c]))
+        start += c
+    out = torch.cat(outs)
+    leaves_ = [t for a in per_level for t in flat(a)]
+    return out, torch.autograd.grad(out, leaves_, grad_out.to(out.dtype), allow_unused=True)
+
+
+def loop_fn(a, ids):
+    return reference.head_stack_loop_reference(*a, ids, 4)
+
+
+def level_grad_out(k, counts, batch=1, dtype=torch.float64):
+    total = sum(counts)
+    return torch.randn((total, batch) if k != 1 else (total, batch, 4, 4)).to(dtype)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """torch.empty / empty_like return NaN-filled float tensors while the op runs: any element a kernel fails
+    to write (an inactive program of a smaller level, a wrong per-level offset) shows up as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+def _check_levels(per_level, ids, counts, grad_out, got, name):
+    ref_out, ref_grads = run_per_level([leaves(a, torch.float64) for a in per_level], ids, counts, grad_out, loop_fn)
+    out, grads = got
+    assert_close_to_reference(out, ref_out, name=f"{name} logits")
+    names = [f"level {l} {n}" for l, a in enumerate(per_level) for n in param_names(len(a[1]))]
+    level_of = [l for l, a in enumerate(per_level) for _ in flat(a)]
+    for n, g, r, l in zip(names, grads, ref_grads, level_of):
+        if counts[l] == 0:     # no sampled head: no feature gradient, empty sparse parameter gradients
+            assert g is None or (g.is_sparse and g._nnz() == 0), n
+            continue
+        assert_close_to_reference(dense(g), r, name=f"{name} grad {n}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("k", [4, 1], ids=["global", "local"])
+def test_levels_match_loop_and_per_level_fp32(poisoned, backend, k):
+    """ONE head_levels call == the loop reference per level (float64) == one head_stack call per level."""
+    per_level, ids, counts = make_levels(k)
+    grad_out = level_grad_out(k, counts)
+    got = run_levels([leaves(a) for a in per_level], ids, counts, grad_out, backend)
+    _check_levels(per_level, ids, counts, grad_out, got, backend)
+    if k == 1:
+        return          # (one comparison with per-level calls is enough; the interpreter is slow)
+    with use_backend(backend, "head_stack"):
+        per = run_per_level([leaves(a) for a in per_level], ids, counts, grad_out, lambda a, i: head_stack(*a, i, 4))
+    torch.testing.assert_close(got[0], per[0], rtol=1e-5, atol=1e-6)
+    for g, p in zip(got[1], per[1]):
+        if p is not None:
+            torch.testing.assert_close(dense(g), dense(p), rtol=1e-5, atol=1e-6)
+
+
+def test_levels_sparse_rows_and_row_offsets():
+    """ids offset per level (row_offsets, as HeadPool passes global head ids): the same values, and every
+    pooled parameter's gradient is sparse with exactly its level's rows in call order."""
+    per_level, ids, counts = make_levels(4)
+    offsets = [0, 7, 100, 3]
+    shifted = torch.cat([ids[sum(counts[:l]):sum(counts[:l + 1])] + offsets[l] for l in range(len(counts))])
+    grad_out = level_grad_out(4, counts)
+    got = run_levels([leaves(a) for a in per_level], shifted, counts, grad_out, "triton", offsets)
+    _check_levels(per_level, ids, counts, grad_out, got, "offsets")
+    lists = [[a[i].double() if i in (0, 5, 6) else [t.double() for t in a[i]] for a in per_level] for i in range(7)]
+    ref = reference.head_levels_loop_reference(*lists, shifted, counts, offsets, num_groups=4)
+    assert_close_to_reference(got[0], ref, name="vs head_levels_loop_reference")
+    i, start = 0, 0
+    for a, c in zip(per_level, counts):
+        n = len(flat(a))
+        rows = ids[start:start + c]
+        for g in got[1][i + 1:i + n]:
+            assert g.is_sparse and g._indices()[0].tolist() == rows.tolist()
+        i, start = i + n, start + c
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_levels_low_precision_within_twice_eager_error(dtype):
+    levels = [(5, 16, 2, 4, [3, 0]), LEVELS[3]]
+    per_level, ids, counts = make_levels(4, levels)
+    grad_out = level_grad_out(4, counts)
+    ref_out, ref_grads = run_per_level([leaves(a, torch.float64) for a in per_level], ids, counts, grad_out, loop_fn)
+    eager = run_per_level([leaves(a, dtype) for a in per_level], ids, counts, grad_out, loop_fn)
+    out, grads = run_levels([leaves(a, dtype) for a in per_level], ids, counts, grad_out, "triton")
+    assert out.dtype == dtype
+    for name, g, e, r in zip(range(1000), [out, *grads], [eager[0], *eager[1]], [ref_out, *ref_grads]):
+        assert_close_to_reference(dense(g), r, e, atol=ulp_floor(r, dtype), name=f"output {name}")
+
+
+def test_levels_feature_layouts_and_small_blocks(poisoned, monkeypatch):
+    """Channels-last and non-contiguous features in one call; small blocks: several tiles per level, and
+    levels with fewer tiles / channel blocks than the launch's largest (inactive programs)."""
+    monkeypatch.setattr(head_kernels, "BLOCK_OVERRIDE", dict(SMALL_BLOCKS, dg_classes=1, wg_taps=4))
+    levels = [(5, 16, 2, 2, [1, 0]), (20, 8, 1, 2, [1])]
+    per_level, ids, counts = make_levels(4, levels)
+    grad_out = level_grad_out(4, counts)
+    ops = [leaves(a) for a in per_level]
+    feats = [ops[0][0].detach().to(memory_format=torch.channels_last), non_contiguous(ops[1][0].detach())]
+    ops = [(f.requires_grad_(True),) + a[1:] for f, a in zip(feats, ops)]
+    got = run_levels(ops, ids, counts, grad_out, "triton")
+    _check_levels(per_level, ids, counts, grad_out, got, "layouts")
+    assert got[1][0].stride() == torch.empty_like(feats[0]).stride()     # the feature's own layout
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_levels_feature_grad_of_some_levels_only(poisoned, backend):
+    """Only level 1's feature requires grad, no parameter does: that level's feature gradient alone, from the
+    layer-1 data gradient restricted to the levels that need it (and no parameter-gradient kernels)."""
+    levels = [(5, 16, 2, 3, [2, 0]), (4, 8, 1, 2, [1, 1])]
+    per_level, ids, counts = make_levels(4, levels)
+    grad_out = level_grad_out(4, counts)
+    ref_out, ref_grads = run_per_level([leaves(a, torch.float64) for a in per_level], ids, counts, grad_out, loop_fn)
+    ops = [leaves(a, requires_grad=False) for a in per_level]
+    ops[1] = (ops[1][0].detach().requires_grad_(True),) + ops[1][1:]
+    lists = [[a[i] for a in ops] for i in range(7)]
+    with use_backend(backend, "head_stack"):
+        out = head_levels(*lists, ids, counts, num_groups=4)
+        (g,) = torch.autograd.grad(out, [ops[1][0]], grad_out.to(out.dtype))
+    assert_close_to_reference(out, ref_out, name="logits")
+    assert_close_to_reference(g, ref_grads[len(flat(per_level[0]))], name="grad feature of level 1")
+
+
+def _bad_levels(change):
+    per_level, ids, counts = make_levels(4, [(5, 16, 2, 3, [2, 0]), (4, 8, 1, 2, [1])])
+    lists = [[a[i] for a in per_level] for i in range(7)]
+    kwargs = dict(ids=ids, counts=counts, row_offsets=None)
+    change(lists, kwargs)
+    return lambda: head_levels(*lists, kwargs["ids"], kwargs["counts"], kwargs["row_offsets"], num_groups=4)
+
+
+def _swap_level(lists, level, other):
+    for i in range(7):
+        lists[i][level] = other[i]
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda l, k: k.update(counts=[2, 2]), ValueError, "counts"),
+    (lambda l, k: _swap_level(l, 1, make_pool(2, 4, 8, 32, 1, 4, 1)), ValueError, "same width"),
+    (lambda l, k: _swap_level(l, 1, make_pool(2, 4, 8, 16, 1, 4, 2)), ValueError, "one batch"),
+    (lambda l, k: _swap_level(l, 1, make_pool(2, 4, 16, 16, 1, 1, 1)), ValueError, "final"),
+    (lambda l, k: k.update(ids=torch.tensor([2, 0, 2])), IndexError, r"level 1.*\[0, 2\)"),
+    (lambda l, k: k.update(ids=torch.tensor([2, 0, 1]), row_offsets=[0, 5]), IndexError, "level 1"),
+])
+def test_levels_bad_input_rejected_before_any_kernel(monkeypatch, change, error, match):
+    """What one launch per depth needs, checked on the host with the level named."""
+    monkeypatch.setattr(head_kernels, "levels_forward", lambda *a, **k: pytest.fail("a kernel ran"))
+    with pytest.raises(error, match=match):
+        _bad_levels(change)()
+
+
+def _count_launches(monkeypatch):
+    counts = {}
+    cls = type(head_kernels._conv_fwd_kernel)
+    getitem = cls.__getitem__
+
+    def counted(self, grid):
+        counts[self.fn.__name__ if hasattr(self, "fn") else self.__name__] = \
+            counts.get(self.fn.__name__ if hasattr(self, "fn") else self.__name__, 0) + 1
+        return getitem(self, grid)
+    monkeypatch.setattr(cls, "__getitem__", counted)
+    return counts
+
+
+def test_launch_count_does_not_grow_with_levels(monkeypatch):
+    """Kernel launches per forward and per backward depend on the depth only: 1, 2 and 4 levels (one of
+    them shallower) launch the same kernels the same number of times."""
+    launched = _count_launches(monkeypatch)
+    results = []
+    for levels in ([(3, 16, 2, 2, [1])], [(3, 16, 2, 2, [1]), (4, 8, 1, 2, [0])],
+                   [(3, 16, 2, 2, [1]), (4, 8, 1, 2, [0]), (3, 16, 2, 2, [0, 1]), (5, 8, 1, 1, [0])]):
+        per_level, ids, counts = make_levels(4, levels, hidden=8, batch=1)
+        ops = [leaves(a) for a in per_level]
+        lists = [[a[i] for a in ops] for i in range(7)]
+        launched.clear()
+        with use_backend("triton", "head_stack"):
+            out = head_levels(*lists, ids, counts, num_groups=4)
+            forward = dict(launched)
+            launched.clear()
+            out.sum().backward()
+        results.append((forward, dict(launched)))
+    depth = 2
+    assert sum(results[0][0].values()) == 2 * depth + 1          # conv + GroupNorm finish per depth, final
+    assert sum(results[0][1].values()) == 1 + 4 * depth          # final; finish, apply, wgrad, dgrad per depth
+    assert results[1] == results[0] and results[2] == results[0], results
+
+
 # ============================================================================ sm_90 compile, no GPU
 H100_SHARED_LIMIT = 227 * 1024
 
@@ -329,8 +547,8 @@ H100_SHARED_LIMIT = 227 * 1024
 @pytest.mark.slow
 @pytest.mark.parametrize("weights", ["pool", "gathered"])
 def test_kernels_compile_for_h100_without_spills(weights):
-    """Every launch head_stack makes at SDXL head shapes compiles for sm_90a, fits in shared memory, and (bf16)
-    does not spill registers. Runs tests/heads_sm90_compile.py in a subprocess (no interpreter, no GPU)."""
+    """Every launch head_levels makes at SDXL head shapes (the 10-level pool in one call, and single levels)
+    compiles for sm_90a, fits in shared memory, and (bf16) does not spill registers. Runs tests/heads_sm90_compile.py in a subprocess (no interpreter, no GPU)."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heads_sm90_compile.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -341,8 +559,13 @@ def test_kernels_compile_for_h100_without_spills(weights):
         pytest.skip("Triton's bundled ptxas is not available")
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert {r["kernel"] for r in results} >= {"_conv_fwd_kernel", "_final_fwd_kernel", "_final_bwd_kernel",
-                                              "_gn_bwd_apply_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"}
+    kernels = {"_conv_fwd_kernel", "_gn_fwd_finish_kernel", "_final_fwd_kernel", "_final_bwd_kernel",
+               "_gn_bwd_finish_kernel", "_gn_bwd_apply_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"}
+    assert {r["kernel"] for r in results} >= kernels
+    # the 10-level SDXL pool in one call: every kernel compiled with 10 levels' tuples (final, layer 1) and
+    # the shallower prefixes (6 levels at depth 3, 3 at depth 4)
+    assert {r["kernel"] for r in results if r["constexprs"].get("L") == 10} == kernels
+    assert {r["constexprs"].get("L") for r in results} >= {1, 3, 6, 10}
     for r in results:
         what = f"{r['kernel']} {r['dtype']} {r['constexprs']}"
         assert r["shared"] <= H100_SHARED_LIMIT, f"{what}: {r['shared']} bytes of shared memory"
@@ -353,10 +576,12 @@ def test_kernels_compile_for_h100_without_spills(weights):
 @pytest.mark.parametrize("backend", ["triton", "eager"])
 def test_opcheck(backend):
     """torch.library.opcheck: schema, fake-tensor shapes/strides, autograd registration, AOT dispatch."""
-    args = leaves(make_pool(4, 5, 8, 16, 1, 4, 1))
-    op_args = (*args, torch.tensor([3, 1, 3]), 4, 1e-5)
+    a = leaves(make_pool(4, 5, 8, 16, 1, 4, 1))
+    b = leaves(make_pool(3, 6, 16, 16, 2, 4, 1))      # a second level, one layer deeper
+    op_args = ([a[0], b[0]], *([*a[i], *b[i]] for i in range(1, 5)), [a[5], b[5]], [a[6], b[6]],
+               torch.tensor([3, 1, 2]), [2, 1], [0, 0], [1, 2], 4, 1e-5)
     with use_backend(backend, "head_stack"):
-        torch.library.opcheck(torch.ops.nitrokernels.head_stack_fwd.default, op_args)
+        torch.library.opcheck(torch.ops.nitrokernels.head_levels_fwd.default, op_args)
 
 
 

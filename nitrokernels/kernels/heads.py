@@ -1,31 +1,49 @@
-"""Triton kernels of the grouped discriminator-head stack (`nitrokernels.ops.head_stack`).
+"""Triton kernels of the grouped discriminator heads (`nitrokernels.ops.head_levels` / `head_stack`).
 
-All sampled heads of ONE feature level run together, one layer depth per launch:
+All sampled heads of ALL feature levels run together, one launch per kernel type per layer depth (the
+10-level SDXL pool, depths 5/4/3: 11 launches forward, 21 backward, whatever the level count; one call per
+level made 49 and 127, plus per-level host-side GroupNorm glue):
 
-  forward   _conv_fwd_kernel    implicit-GEMM Conv4x4/s2/p1 for every sampled head (head on grid axis 2).
-                                Layer 1 reads the SHARED feature (any strides) and gathers each head's
-                                weights from the pooled [P, O, I, 4, 4] tensor by `ids` inside the kernel;
-                                deeper layers read the previous layer's pre-norm output and apply
-                                GroupNorm-normalise + affine + SiLU while loading (scale/shift per
-                                (head, sample, channel)). Epilogue: + bias, store, and per-tile per-channel
-                                GroupNorm partial statistics (tile mean and centred sum of squares).
-            _final_fwd_kernel   the final conv (k = S_D: valid conv to one logit per sample; k = 1: a logit
-                                per location) with the same fused input normalisation (a reduction, no GEMM).
-  backward  _final_bwd_kernel   dLogits -> dA_D (elementwise), SiLU' -> dU_D, GroupNorm-backward partial
-                                sums, final-weight gradient partials.
+  forward   _conv_fwd_kernel    implicit-GEMM Conv4x4/s2/p1 for every sampled head of every level that is at
+                                least d+1 layers deep (head on grid axis 2). Layer 1 reads the level's SHARED
+                                feature and gathers each head's weights from the level's pooled
+                                [P, O, I, 4, 4] tensor by id inside the kernel; deeper layers read the previous
+                                layer's pre-norm output and apply GroupNorm-normalise + affine + SiLU while
+                                loading. Epilogue: + bias, store, per-tile per-channel GroupNorm partials
+                                (count, tile mean, centred sum of squares).
+            _gn_fwd_finish_kernel  combines the partials into GroupNorm (mean, rstd) and the folded affine
+                                (scale, shift) per (head, sample, channel), gamma / beta gathered by id.
+            _final_fwd_kernel   the final conv of every level (k = S_D: valid conv to one logit per sample;
+                                k = 1: a logit per location) with the same fused input normalisation.
+  backward  _final_bwd_kernel   dLogits -> dA_D, SiLU' -> dU_D, GroupNorm-backward partial sums, final-weight
+                                gradient partials (every level at once, each at its own last depth).
+            _gn_bwd_finish_kernel  the GroupNorm backward coefficients and the gamma / beta / conv-bias gradients.
             _gn_bwd_apply_kernel  dY = alpha * dU + beta * Y + delta   (per (head, sample, channel) coefs)
             _conv_dgrad_kernel  data gradient of a Conv4x4/s2/p1, split by the parity of the input pixel so
                                 only the 4 taps that touch it are multiplied. Deeper layers: per head, and the
-                                epilogue is the GroupNorm+SiLU backward of the layer below (as in the final
-                                kernel). Layer 1 (SHARED): the reduction runs over heads x taps x channels, so
-                                the shared feature's gradient is summed over heads inside the GEMM, no atomics.
+                                epilogue is the GroupNorm+SiLU backward of the layer below. Layer 1 (SHARED):
+                                one program column per level; the reduction runs over that level's heads x taps
+                                x channels, so the feature gradient is summed over heads inside the GEMM.
             _conv_wgrad_kernel  weight gradient per sampled head (one tap per grid column), reading the layer
                                 input (shared feature, or the previous pre-norm output normalised on the fly),
                                 written as the values [h, O, I, 4, 4] of the sparse pool gradient.
 
-Activation layout: per head channels-last, [h, B, S, S, O] contiguous. Kept for backward: every layer's
-pre-norm conv output Y_d (input dtype) and its GroupNorm mean / rstd ([h, B, G, 2], fp32). Everything else
-(the normalised + SiLU activations, their derivatives) is recomputed where it is consumed.
+Levels in one launch. Every per-level tensor (feature, pooled weights, activations, ...) is passed as a
+Triton TUPLE of pointers, and every per-level size as a tuple of ints, with the level count L a constexpr:
+a program finds its level by comparing its head index with the levels' head offsets and selects its
+pointers / sizes with a `tl.static_range` chain. Nothing per call is copied to the device, so a fixed head
+count stays CUDA-graph capturable. Levels are ordered by depth (deepest first, stable): the heads taking
+part at depth d are then a PREFIX of that order, so per-depth buffers (GroupNorm partials, stats, affine,
+backward coefficients) are [H_d, ...] tensors indexed by the same "sorted head" index at every depth. Grid
+axes cover the largest level's tiles / channel blocks; programs past their own level's return at once, or
+(data / weight gradients: an early return around their GEMM loops makes ptxas spill) run zero loop trips and
+store nothing. Block sizes are per launch (cut to the largest level). Logits and final-layer gradients are in
+the caller's order. Host-side work per call that is not a kernel: channels-last copies of features that
+are not channels-last (forward, and again for the weight gradient) and the final-layer gradient reductions.
+
+Activation layout: per level and head channels-last, [h, B, S, S, O] contiguous. Kept for backward: every
+layer's pre-norm conv output Y_d (input dtype), its GroupNorm (mean, rstd) [H_d, B, G, 2] and folded affine
+(scale, shift) [H_d, B, 2, O] (fp32). Everything else is recomputed where it is consumed.
 
 Accumulation is fp32; fp32 inputs use IEEE fp32 dots unless torch's float32 matmul precision allows TF32.
 Under TRITON_INTERPRET=1, half-precision operands are upcast to fp32 before tl.dot (the interpreter's
@@ -58,37 +76,89 @@ def _silu_grad(u, sig):
 
 
 @triton.jit
-def _load_head_id(ids_ptr, head, P):
-    """Pool row of sampled head `head`, clamped into range (out-of-range ids poison outputs with NaN)."""
-    pid = tl.load(ids_ptr + head).to(tl.int64)
-    ok = (pid >= 0) & (pid < P)
-    return tl.where(ok, pid, 0), ok
+def _level_of(sh, hs, L: tl.constexpr):
+    """Level (position in the launch's tuples) of sorted head `sh`: hs holds each level's first sorted head."""
+    lvl = sh * 0
+    for l in tl.static_range(1, L):
+        lvl += (sh >= hs[l]).to(tl.int32)
+    return lvl
+
+
+@triton.jit
+def _pick(vals, lvl, L: tl.constexpr):
+    """vals[lvl] of a tuple of ints (a select chain: lvl is a runtime value). Always an int32 tensor."""
+    v = vals[0] + lvl * 0
+    for l in tl.static_range(1, L):
+        v = tl.where(lvl == l, vals[l], v)
+    return v
+
+
+@triton.jit
+def _pick_ptr(ptrs, lvl, L: tl.constexpr):
+    """ptrs[lvl] of a tuple of pointers."""
+    p = ptrs[0]
+    for l in tl.static_range(1, L):
+        if lvl == l:
+            p = ptrs[l]
+    return p
+
+
+@triton.jit
+def _channels(chans, lvl, L: tl.constexpr, C16: tl.constexpr):
+    """Input channels of the program's level. C16 (host: every level's count is a multiple of 16) restores
+    the divisibility the JIT would know for a plain int argument: aligned, vectorised channel loads."""
+    c = _pick(chans, lvl, L)
+    if C16:
+        c = tl.multiple_of(c, 16)
+    return c
+
+
+@triton.jit
+def _pool_row(ids_ptr, lvl, lh, starts, roffs, pools, L: tl.constexpr):
+    """Pool row of local head `lh` of level `lvl` (ids[start + lh] - row_offset), clamped into range, and
+    whether it was in range (out-of-range ids poison that head's outputs with NaN)."""
+    r = tl.load(ids_ptr + _pick(starts, lvl, L) + lh).to(tl.int64) - _pick(roffs, lvl, L)
+    ok = (r >= 0) & (r < _pick(pools, lvl, L))
+    return tl.where(ok, r, 0), ok
+
+
+@triton.jit
+def _w_strides(I, O, GATHERED: tl.constexpr):
+    """(row, o, c, kh, kw) strides of a conv weight: pooled [P, O, I, 4, 4] or gathered [h, 4, 4, I, O]."""
+    if GATHERED:
+        return 16 * I * O, 1, O, 4 * I * O, I * O
+    else:
+        return 16 * I * O, 16 * I, 16, 4, 1
 
 
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, sx_head, sx_b, sx_h, sx_w, sx_c,            # layer input: shared feature (sx_head = 0) or Y_{d-1}
-    scale_ptr, shift_ptr,                              # [h, B, I] fp32: GroupNorm affine of Y_{d-1} (NORM)
-    w_ptr, sw_p, sw_o, sw_c, sw_kh, sw_kw,             # pooled weights [P, O, I, 4, 4]
-    bias_ptr, sb_p, sb_o,                              # pooled bias [P, O]
-    ids_ptr, P,                                        # pool rows of the sampled heads (bias, validity)
-    wrow_ptr,                                          # weight rows (= ids, or arange for gathered weights)
-    y_ptr,                                             # out: [h, B, S_out, S_out, O]
-    part_ptr,                                          # out: [h, B, T, O, 2] fp32 (tile mean, tile M2)
-    B, S_in, S_out, I, O, T,
-    NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKC: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    xs, ws, biases, ys, hs, starts, roffs, pools, sizes, chans,   # per level: input, weights, bias, out, ints
+    aff_ptr,                                           # [H, B, 2, I] fp32 affine of Y_{d-1} (NORM)
+    ids_ptr,                                           # pool ids of all levels (caller order)
+    part_ptr,                                          # out: [H, B, TT, O, 3] fp32 (count, tile mean, tile M2)
+    B, O, TT,
+    L: tl.constexpr, NORM: tl.constexpr, GATHERED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BKC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, C16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    head = tl.program_id(2)
-    b = pid_m // T
-    t = pid_m % T
-    pid, id_ok = _load_head_id(ids_ptr, head, P)
-    wrow = tl.where(id_ok, tl.load(wrow_ptr + head).to(tl.int64), 0)
-    hb = (head * B + b).to(tl.int64)
-
+    sh = tl.program_id(2)
+    lvl = _level_of(sh, hs, L)
+    S_in = _pick(sizes, lvl, L)
+    I = _channels(chans, lvl, L, C16)
+    S_out = S_in // 2
     npix = S_out * S_out
+    b = pid_m // TT
+    t = pid_m % TT
+    if t >= tl.cdiv(npix, BM):      # past this level's tiles (grid axis 0 covers the largest level)
+        return
+    lh = sh - _pick(hs, lvl, L)
+    row, id_ok = _pool_row(ids_ptr, lvl, lh, starts, roffs, pools, L)
+    sw_p, sw_o, sw_c, sw_kh, sw_kw = _w_strides(I, O, GATHERED)
+    wrow = lh.to(tl.int64) if GATHERED else row
+    hb = (sh * B + b).to(tl.int64)
+
     rows = t * BM + tl.arange(0, BM)
     row_ok = rows < npix
     oh = rows // S_out
@@ -96,8 +166,10 @@ def _conv_fwd_kernel(
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < O
 
-    x_base = x_ptr + head.to(tl.int64) * sx_head + b.to(tl.int64) * sx_b
-    w_base = w_ptr + wrow * sw_p
+    # Layer 1 reads the level's feature [B, S, S, I] (channels-last), deeper layers Y_{d-1} [h, B, S, S, I].
+    x_head = lh if NORM else lh * 0
+    x_base = _pick_ptr(xs, lvl, L) + (x_head * B + b).to(tl.int64) * S_in * S_in * I
+    w_base = _pick_ptr(ws, lvl, L) + wrow * sw_p
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # One flat (channel chunk, tap) loop: a single set of pipelined operand buffers (an unrolled tap loop
     # would give every tl.dot its own shared-memory buffers).
@@ -109,52 +181,106 @@ def _conv_fwd_kernel(
         iw = 2 * ow - 1 + tap % 4
         p_ok = row_ok & (ih >= 0) & (ih < S_in) & (iw >= 0) & (iw < S_in)
         m = p_ok[:, None] & c_ok[None, :]
-        a = tl.load(x_base + ih[:, None] * sx_h + iw[:, None] * sx_w + cs[None, :] * sx_c, mask=m, other=0.0)
+        a = tl.load(x_base + (ih * S_in + iw)[:, None] * I + cs[None, :], mask=m, other=0.0)
         if NORM:
-            sc = tl.load(scale_ptr + hb * I + cs, mask=c_ok, other=0.0)
-            sh = tl.load(shift_ptr + hb * I + cs, mask=c_ok, other=0.0)
-            u = a.to(tl.float32) * sc[None, :] + sh[None, :]
-            a = tl.where(m, u * tl.sigmoid(u), 0.0).to(w_ptr.dtype.element_ty)
+            sc = tl.load(aff_ptr + hb * 2 * I + cs, mask=c_ok, other=0.0)
+            sf = tl.load(aff_ptr + hb * 2 * I + I + cs, mask=c_ok, other=0.0)
+            u = a.to(tl.float32) * sc[None, :] + sf[None, :]
+            a = tl.where(m, u * tl.sigmoid(u), 0.0).to(a.dtype)
         wt = tl.load(w_base + cols[None, :] * sw_o + cs[:, None] * sw_c + (tap // 4) * sw_kh + (tap % 4) * sw_kw,
                      mask=c_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _mma(a, wt, acc, PREC, UPCAST)
 
-    bias = tl.load(bias_ptr + pid * sb_p + cols * sb_o, mask=col_ok, other=0.0).to(tl.float32)
+    bias = tl.load(_pick_ptr(biases, lvl, L) + row * O + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc = acc + bias[None, :]
     acc = tl.where(id_ok, acc, float("nan"))
+    y_ptr = _pick_ptr(ys, lvl, L)
     yv = acc.to(y_ptr.dtype.element_ty)
     out_mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(y_ptr + hb * npix * O + rows[:, None] * O + cols[None, :], yv, mask=out_mask)
+    tl.store(y_ptr + (lh * B + b).to(tl.int64) * npix * O + rows[:, None] * O + cols[None, :], yv, mask=out_mask)
 
-    # GroupNorm partial statistics of the stored (rounded) values, per channel: tile mean and centred M2.
+    # GroupNorm partial statistics of the stored (rounded) values, per channel: count, tile mean, centred M2.
     yf = tl.where(row_ok[:, None], yv.to(tl.float32), 0.0)
     n = tl.minimum(npix - t * BM, BM).to(tl.float32)
     tmean = tl.sum(yf, axis=0) / n
     dev = tl.where(row_ok[:, None], yf - tmean[None, :], 0.0)
     m2 = tl.sum(dev * dev, axis=0)
-    pbase = part_ptr + (hb * T + t) * O * 2 + cols * 2
-    tl.store(pbase, tmean, mask=col_ok)
-    tl.store(pbase + 1, m2, mask=col_ok)
+    pbase = part_ptr + (hb * TT + t) * O * 3 + cols * 3
+    tl.store(pbase, tl.zeros_like(tmean) + n, mask=col_ok)
+    tl.store(pbase + 1, tmean, mask=col_ok)
+    tl.store(pbase + 2, m2, mask=col_ok)
+
+
+@triton.jit
+def _gn_fwd_finish_kernel(
+    gammas, betas, ntiles, hs, starts, roffs, pools,   # per level: pooled norm weight / bias [P, O], tiles written
+    ids_ptr, part_ptr,                                 # partials [H, B, TT, O, 3] (tiles >= ntiles[level] unwritten)
+    stats_ptr, aff_ptr,                                # out: (mean, rstd) [H, B, G, 2], (scale, shift) [H, B, 2, O]
+    B, O, TT, G, CPG, eps,
+    L: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BC: tl.constexpr,
+):
+    """Chan's combination of the tile partials of one (head, sample), all groups at once (blocks [tile, group,
+    channel in group]); then the folded affine a = silu(y * scale + shift) with gamma / beta gathered by id."""
+    hb = tl.program_id(0)
+    sh = hb // B
+    lvl = _level_of(sh, hs, L)
+    row, _ = _pool_row(ids_ptr, lvl, sh - _pick(hs, lvl, L), starts, roffs, pools, L)
+    gi = tl.arange(0, BG)
+    j = tl.arange(0, BC)
+    cs = gi[:, None] * CPG + j[None, :]                                  # [BG, BC] channel index
+    c_ok = (gi < G)[:, None] & (j < CPG)[None, :]
+    base = part_ptr + hb.to(tl.int64) * TT * O * 3 + cs[None, :, :] * 3
+    T = _pick(ntiles, lvl, L)
+    total = tl.zeros((BG,), dtype=tl.float32)
+    wsum = tl.zeros((BG,), dtype=tl.float32)
+    for t0 in range(0, T, BT):                          # pass 1: counts and count-weighted tile means
+        ts = t0 + tl.arange(0, BT)
+        m = (ts < T)[:, None, None] & c_ok[None, :, :]
+        ptr = base + ts[:, None, None] * O * 3
+        n = tl.load(ptr, mask=m, other=0.0)
+        total += tl.sum(tl.sum(n, axis=2), axis=0)
+        wsum += tl.sum(tl.sum(n * tl.load(ptr + 1, mask=m, other=0.0), axis=2), axis=0)
+    mean = wsum / tl.where(gi < G, total, 1.0)
+    m2 = tl.zeros((BG,), dtype=tl.float32)
+    for t0 in range(0, T, BT):                          # pass 2: M2 = sum M2_t + sum n_t (mean_t - mean)^2
+        ts = t0 + tl.arange(0, BT)
+        m = (ts < T)[:, None, None] & c_ok[None, :, :]
+        ptr = base + ts[:, None, None] * O * 3
+        n = tl.load(ptr, mask=m, other=0.0)
+        dv = tl.where(m, tl.load(ptr + 1, mask=m, other=0.0) - mean[None, :, None], 0.0)
+        m2 += tl.sum(tl.sum(tl.load(ptr + 2, mask=m, other=0.0) + n * dv * dv, axis=2), axis=0)
+    rstd = 1.0 / tl.sqrt(m2 / tl.where(gi < G, total, 1.0) + eps)
+    sbase = stats_ptr + (hb.to(tl.int64) * G + gi) * 2
+    tl.store(sbase, mean, mask=gi < G)
+    tl.store(sbase + 1, rstd, mask=gi < G)
+    gamma = tl.load(_pick_ptr(gammas, lvl, L) + row * O + cs, mask=c_ok, other=0.0).to(tl.float32)
+    beta = tl.load(_pick_ptr(betas, lvl, L) + row * O + cs, mask=c_ok, other=0.0).to(tl.float32)
+    scale = rstd[:, None] * gamma
+    abase = aff_ptr + hb.to(tl.int64) * 2 * O + cs
+    tl.store(abase, scale, mask=c_ok)
+    tl.store(abase + O, beta - mean[:, None] * scale, mask=c_ok)
 
 
 @triton.jit
 def _final_fwd_kernel(
-    y_ptr, scale_ptr, shift_ptr,                       # Y_D [h, B, S, S, I], affine [h, B, I] fp32
-    w_ptr, sw_p, sw_c, sw_kh, sw_kw,                   # pooled final weight [P, 1, I, K, K]
-    bias_ptr, sb_p,                                    # pooled final bias [P, 1]
-    ids_ptr, P,
-    out_ptr,                                           # [h, B] (GLOBAL) or [h, B, S, S]
+    ys, affs, ws, biases, hs, starts, roffs, pools,    # per level: Y_D [h, B, S, S, I], affine of its depth, ...
+    ids_ptr, out_ptr,                                  # out: [H, B] (GLOBAL) or [H, B, S, S], caller order
     B, S, I,
-    GLOBAL: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
+    L: tl.constexpr, GLOBAL: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
 ):
     """GLOBAL: K == S, valid conv to 1x1 -> tap index == pixel: z = sum_{q,c} a[q, c] * w[c, q] (T == 1).
     Local (K == 1): z[q] = sum_c a[q, c] * w[c]."""
     pid_p = tl.program_id(0)
     b = tl.program_id(1)
-    head = tl.program_id(2)
-    pid, id_ok = _load_head_id(ids_ptr, head, P)
-    hb = (head * B + b).to(tl.int64)
+    sh = tl.program_id(2)
+    lvl = _level_of(sh, hs, L)
+    lh = sh - _pick(hs, lvl, L)
+    row, id_ok = _pool_row(ids_ptr, lvl, lh, starts, roffs, pools, L)
+    hb = (sh * B + b).to(tl.int64)
     npix = S * S
+    y_base = _pick_ptr(ys, lvl, L) + (lh * B + b).to(tl.int64) * npix * I
+    aff = _pick_ptr(affs, lvl, L) + hb * 2 * I
+    w_base = _pick_ptr(ws, lvl, L) + row * I * npix if GLOBAL else _pick_ptr(ws, lvl, L) + row * I
     q = pid_p * BP + tl.arange(0, BP)
     q_ok = q < npix
     acc = tl.zeros((BP, BC), dtype=tl.float32)
@@ -162,105 +288,184 @@ def _final_fwd_kernel(
         cs = c0 + tl.arange(0, BC)
         c_ok = cs < I
         m = q_ok[:, None] & c_ok[None, :]
-        sc = tl.load(scale_ptr + hb * I + cs, mask=c_ok, other=0.0)
-        sh = tl.load(shift_ptr + hb * I + cs, mask=c_ok, other=0.0)
-        yv = tl.load(y_ptr + hb * npix * I + q[:, None] * I + cs[None, :], mask=m, other=0.0).to(tl.float32)
-        u = yv * sc[None, :] + sh[None, :]
-        a = tl.where(m, (u * tl.sigmoid(u)).to(y_ptr.dtype.element_ty).to(tl.float32), 0.0)
-        if GLOBAL:
-            wv = tl.load(w_ptr + pid * sw_p + cs[None, :] * sw_c + (q // S)[:, None] * sw_kh + (q % S)[:, None] * sw_kw,
-                         mask=m, other=0.0).to(tl.float32)
+        sc = tl.load(aff + cs, mask=c_ok, other=0.0)
+        sf = tl.load(aff + I + cs, mask=c_ok, other=0.0)
+        yv = tl.load(y_base + q[:, None] * I + cs[None, :], mask=m, other=0.0)
+        u = yv.to(tl.float32) * sc[None, :] + sf[None, :]
+        a = tl.where(m, (u * tl.sigmoid(u)).to(yv.dtype).to(tl.float32), 0.0)
+        if GLOBAL:   # weight [1, I, S, S]: tap == pixel
+            wv = tl.load(w_base + cs[None, :] * npix + q[:, None], mask=m, other=0.0).to(tl.float32)
             acc += a * wv
         else:
-            wv = tl.load(w_ptr + pid * sw_p + cs * sw_c, mask=c_ok, other=0.0).to(tl.float32)
+            wv = tl.load(w_base + cs, mask=c_ok, other=0.0).to(tl.float32)
             acc += a * wv[None, :]
-    bias = tl.load(bias_ptr + pid * sb_p).to(tl.float32)
+    bias = tl.load(_pick_ptr(biases, lvl, L) + row).to(tl.float32)
+    oh = (_pick(starts, lvl, L) + lh).to(tl.int64) * B + b          # caller-order output row
     if GLOBAL:
         z = tl.sum(tl.sum(acc, axis=1), axis=0) + bias
         z = tl.where(id_ok, z, float("nan"))
-        tl.store(out_ptr + hb, z.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + oh, z.to(out_ptr.dtype.element_ty))
     else:
         z = tl.sum(acc, axis=1) + bias
         z = tl.where(id_ok, z, float("nan"))
-        tl.store(out_ptr + hb * npix + q, z.to(out_ptr.dtype.element_ty), mask=q_ok)
+        tl.store(out_ptr + oh * npix + q, z.to(out_ptr.dtype.element_ty), mask=q_ok)
 
 
 @triton.jit
 def _final_bwd_kernel(
-    gz_ptr,                                            # dLogits [h, B] (GLOBAL) or [h, B, S, S] (local)
-    y_ptr, scale_ptr, shift_ptr, stats_ptr,            # Y_D [h, B, S, S, I], affine, (mean, rstd) [h, B, G, 2]
-    w_ptr, sw_p, sw_c, sw_kh, sw_kw,                   # pooled final weight [P, 1, I, K, K]
-    ids_ptr, P,
-    gu_ptr,                                            # out: dU_D [h, B, S, S, I] (grad wrt GroupNorm output)
-    part_ptr,                                          # out: [h, B, T, I, 3] fp32 (sum dU, sum dU*xhat, sum Y)
-    gwp_ptr,                                           # out: final-weight grad partials, see below
+    ys, affs, stats, ws, gus, parts, tts, hs, starts, roffs, pools,   # per level (affine / stats / partials
+                                                                     # of the level's own last depth)
+    gz_ptr,                                            # dLogits [H, B] (GLOBAL) or [H, B, S, S], caller order
+    ids_ptr,
+    gwp_ptr,                                           # out: final-weight grad partials (caller order), see below
     B, S, I, T, G, CPG,
-    GLOBAL: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr,
+    L: tl.constexpr, GLOBAL: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr,
 ):
+    """dU_D = dLogits * w * SiLU'(u) into gus[level] ([h, B, S, S, I]); per tile (sum dU, sum dU*xhat, sum Y)
+    into parts[level] ([H_D, B, TT, I, 3], tiles 0..T-1)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
-    head = tl.program_id(2)
-    pid, id_ok = _load_head_id(ids_ptr, head, P)
-    hb = (head * B + b).to(tl.int64)
+    sh = tl.program_id(2)
+    lvl = _level_of(sh, hs, L)
+    lh = sh - _pick(hs, lvl, L)
+    row, id_ok = _pool_row(ids_ptr, lvl, lh, starts, roffs, pools, L)
+    hb = (sh * B + b).to(tl.int64)
+    oh = (_pick(starts, lvl, L) + lh).to(tl.int64) * B + b
     npix = S * S
+    off_y = (lh * B + b).to(tl.int64) * npix * I
+    y_base = _pick_ptr(ys, lvl, L) + off_y
+    gu_base = _pick_ptr(gus, lvl, L) + off_y
+    aff = _pick_ptr(affs, lvl, L) + hb * 2 * I
+    st = _pick_ptr(stats, lvl, L) + hb * G * 2
+    pbase = _pick_ptr(parts, lvl, L) + (hb * _pick(tts, lvl, L) + pid_t) * I * 3
+    w_base = _pick_ptr(ws, lvl, L) + row * I * npix if GLOBAL else _pick_ptr(ws, lvl, L) + row * I
     q = pid_t * BQ + tl.arange(0, BQ)
     q_ok = q < npix
     if GLOBAL:
-        gz = tl.load(gz_ptr + hb).to(tl.float32)
+        gz = tl.load(gz_ptr + oh).to(tl.float32)
     else:
-        gz = tl.load(gz_ptr + hb * npix + q, mask=q_ok, other=0.0).to(tl.float32)
+        gz = tl.load(gz_ptr + oh * npix + q, mask=q_ok, other=0.0).to(tl.float32)
     for c0 in range(0, I, BC):
         cs = c0 + tl.arange(0, BC)
         c_ok = cs < I
         m = q_ok[:, None] & c_ok[None, :]
-        sc = tl.load(scale_ptr + hb * I + cs, mask=c_ok, other=0.0)
-        sh = tl.load(shift_ptr + hb * I + cs, mask=c_ok, other=0.0)
+        sc = tl.load(aff + cs, mask=c_ok, other=0.0)
+        sf = tl.load(aff + I + cs, mask=c_ok, other=0.0)
         grp = cs // CPG
-        mean = tl.load(stats_ptr + (hb * G + grp) * 2, mask=c_ok, other=0.0)
-        rstd = tl.load(stats_ptr + (hb * G + grp) * 2 + 1, mask=c_ok, other=0.0)
-        offs = hb * npix * I + q[:, None] * I + cs[None, :]
-        yv = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        u = yv * sc[None, :] + sh[None, :]
+        mean = tl.load(st + grp * 2, mask=c_ok, other=0.0)
+        rstd = tl.load(st + grp * 2 + 1, mask=c_ok, other=0.0)
+        offs = q[:, None] * I + cs[None, :]
+        yraw = tl.load(y_base + offs, mask=m, other=0.0)
+        yv = yraw.to(tl.float32)
+        u = yv * sc[None, :] + sf[None, :]
         sig = tl.sigmoid(u)
         if GLOBAL:   # valid conv to 1x1: tap index == input pixel
-            wv = tl.load(w_ptr + pid * sw_p + cs[None, :] * sw_c + (q // S)[:, None] * sw_kh + (q % S)[:, None] * sw_kw,
-                         mask=m, other=0.0).to(tl.float32)
+            wv = tl.load(w_base + cs[None, :] * npix + q[:, None], mask=m, other=0.0).to(tl.float32)
             ga = gz * wv
         else:        # 1x1 conv
-            wv = tl.load(w_ptr + pid * sw_p + cs * sw_c, mask=c_ok, other=0.0).to(tl.float32)
+            wv = tl.load(w_base + cs, mask=c_ok, other=0.0).to(tl.float32)
             ga = gz[:, None] * wv[None, :]
-        ga = ga.to(y_ptr.dtype.element_ty).to(tl.float32)
+        ga = ga.to(yraw.dtype).to(tl.float32)
         gu = tl.where(m, ga * _silu_grad(u, sig), 0.0)
         gu = tl.where(id_ok, gu, float("nan"))
-        gur = gu.to(gu_ptr.dtype.element_ty)
-        tl.store(gu_ptr + offs, gur, mask=m)
+        gur = gu.to(yraw.dtype)
+        tl.store(gu_base + offs, gur, mask=m)
         gu = tl.where(m, gur.to(tl.float32), 0.0)
         xhat = (yv - mean[None, :]) * rstd[None, :]
-        pbase = part_ptr + (hb * T + pid_t) * I * 3 + cs * 3
-        tl.store(pbase, tl.sum(gu, axis=0), mask=c_ok)
-        tl.store(pbase + 1, tl.sum(tl.where(m, gu * xhat, 0.0), axis=0), mask=c_ok)
-        tl.store(pbase + 2, tl.sum(yv, axis=0), mask=c_ok)
-        a = tl.where(m, (u * sig).to(y_ptr.dtype.element_ty).to(tl.float32), 0.0)
-        if GLOBAL:   # gwp [h, B, I, S*S]: dW[c, tap] for this sample (T == 1)
-            tl.store(gwp_ptr + hb * I * npix + cs[None, :] * npix + q[:, None], gz * a, mask=m)
-        else:        # gwp [h, B*T, I]: sum over this tile's pixels
-            tl.store(gwp_ptr + (hb * T + pid_t) * I + cs, tl.sum(gz[:, None] * a, axis=0), mask=c_ok)
+        tl.store(pbase + cs * 3, tl.sum(gu, axis=0), mask=c_ok)
+        tl.store(pbase + cs * 3 + 1, tl.sum(tl.where(m, gu * xhat, 0.0), axis=0), mask=c_ok)
+        tl.store(pbase + cs * 3 + 2, tl.sum(yv, axis=0), mask=c_ok)
+        a = tl.where(m, (u * sig).to(yraw.dtype).to(tl.float32), 0.0)
+        if GLOBAL:   # gwp [H, B, I, S*S]: dW[c, tap] for this sample (T == 1)
+            tl.store(gwp_ptr + oh * I * npix + cs[None, :] * npix + q[:, None], gz * a, mask=m)
+        else:        # gwp [H, B*T, I]: sum over this tile's pixels
+            tl.store(gwp_ptr + (oh * T + pid_t) * I + cs, tl.sum(gz[:, None] * a, axis=0), mask=c_ok)
 
 
 @triton.jit
-def _gn_bwd_apply_kernel(g_ptr, y_ptr, coef_ptr, npix, I, BQ: tl.constexpr, BC: tl.constexpr):
-    """In place: dY = alpha * dU + beta * Y + delta (GroupNorm backward, coefficients per (head, sample, channel))."""
+def _gn_bwd_finish_kernel(
+    gammas, sizes, ntiles, hs, starts, roffs, pools,   # per level: pooled norm weight [P, I], map size, tiles
+    ids_ptr, part_ptr, stats_ptr,                      # partials [H, B, TT, I, 3] (tiles >= ntiles unwritten), stats
+    coef_ptr,                                          # out: [H, B, I, 3] fp32 (alpha, beta, delta)
+    gg_ptr, gbe_ptr, gb_ptr,                           # out: [H, I] gamma / beta / conv-bias grads (param dtype)
+    B, I, TT, G, CPG,
+    L: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BC: tl.constexpr,
+):
+    """GroupNorm backward of one head, all groups at once: dY = alpha*dU + beta*Y + delta. The bias gradient
+    comes from the fp32 sums, sum(dY) = alpha*sum(dU) + beta*sum(Y) + delta*npix (summing the rounded dY
+    would cancel heavily: dY sums to zero over every group)."""
+    sh = tl.program_id(0)
+    lvl = _level_of(sh, hs, L)
+    row, _ = _pool_row(ids_ptr, lvl, sh - _pick(hs, lvl, L), starts, roffs, pools, L)
+    S = _pick(sizes, lvl, L)
+    npix = (S * S).to(tl.float32)
+    n = npix * CPG
+    gi = tl.arange(0, BG)
+    j = tl.arange(0, BC)
+    cs = gi[:, None] * CPG + j[None, :]                                  # [BG, BC]
+    g_ok = gi < G
+    c_ok = g_ok[:, None] & (j < CPG)[None, :]
+    gamma = tl.load(_pick_ptr(gammas, lvl, L) + row * I + cs, mask=c_ok, other=0.0).to(tl.float32)
+    T = _pick(ntiles, lvl, L)
+    acc_g = tl.zeros((BG, BC), dtype=tl.float32)
+    acc_be = tl.zeros((BG, BC), dtype=tl.float32)
+    acc_b = tl.zeros((BG, BC), dtype=tl.float32)
+    for b in range(B):
+        hb = (sh * B + b).to(tl.int64)
+        p1 = tl.zeros((BG, BC), dtype=tl.float32)
+        p2 = tl.zeros((BG, BC), dtype=tl.float32)
+        p3 = tl.zeros((BG, BC), dtype=tl.float32)
+        for t0 in range(0, T, BT):
+            ts = t0 + tl.arange(0, BT)
+            m = (ts < T)[:, None, None] & c_ok[None, :, :]
+            ptr = part_ptr + (hb * TT + ts[:, None, None]) * I * 3 + cs[None, :, :] * 3
+            p1 += tl.sum(tl.load(ptr, mask=m, other=0.0), axis=0)
+            p2 += tl.sum(tl.load(ptr + 1, mask=m, other=0.0), axis=0)
+            p3 += tl.sum(tl.load(ptr + 2, mask=m, other=0.0), axis=0)
+        c1 = tl.sum(gamma * p1, axis=1) / n              # mean of dxhat, per group
+        c2 = tl.sum(gamma * p2, axis=1) / n              # mean of dxhat * xhat
+        mean = tl.load(stats_ptr + (hb * G + gi) * 2, mask=g_ok, other=0.0)
+        rstd = tl.load(stats_ptr + (hb * G + gi) * 2 + 1, mask=g_ok, other=0.0)
+        alpha = rstd[:, None] * gamma
+        beta = tl.zeros_like(alpha) + (-rstd * rstd * c2)[:, None]
+        delta = tl.zeros_like(alpha) + (rstd * rstd * c2 * mean - rstd * c1)[:, None]
+        cb = coef_ptr + (hb * I + cs) * 3
+        tl.store(cb, alpha, mask=c_ok)
+        tl.store(cb + 1, beta, mask=c_ok)
+        tl.store(cb + 2, delta, mask=c_ok)
+        acc_g += p2
+        acc_be += p1
+        acc_b += alpha * p1 + beta * p3 + delta * npix
+    out = sh.to(tl.int64) * I + cs
+    tl.store(gg_ptr + out, acc_g.to(gg_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(gbe_ptr + out, acc_be.to(gbe_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(gb_ptr + out, acc_b.to(gb_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def _gn_bwd_apply_kernel(gs, ys, sizes, hs, coef_ptr, B, I,
+                         L: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr):
+    """In place on gs[level]: dY = alpha * dU + beta * Y + delta (coefficients per (head, sample, channel))."""
     pid_q = tl.program_id(0)
     pid_c = tl.program_id(1)
-    hb = tl.program_id(2).to(tl.int64)
+    hb = tl.program_id(2)
+    sh = hb // B
+    b = hb % B
+    lvl = _level_of(sh, hs, L)
+    S = _pick(sizes, lvl, L)
+    npix = S * S
+    if pid_q * BQ >= npix:
+        return
+    lh = sh - _pick(hs, lvl, L)
     q = pid_q * BQ + tl.arange(0, BQ)
     cs = pid_c * BC + tl.arange(0, BC)
     c_ok = cs < I
     m = (q < npix)[:, None] & c_ok[None, :]
-    offs = hb * npix * I + q[:, None] * I + cs[None, :]
+    offs = (lh * B + b).to(tl.int64) * npix * I + q[:, None] * I + cs[None, :]
+    g_ptr = _pick_ptr(gs, lvl, L)
     g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    cb = coef_ptr + (hb * I + cs) * 3
+    y = tl.load(_pick_ptr(ys, lvl, L) + offs, mask=m, other=0.0).to(tl.float32)
+    cb = coef_ptr + (hb.to(tl.int64) * I + cs) * 3
     al = tl.load(cb, mask=c_ok, other=0.0)
     be = tl.load(cb + 1, mask=c_ok, other=0.0)
     de = tl.load(cb + 2, mask=c_ok, other=0.0)
@@ -270,35 +475,50 @@ def _gn_bwd_apply_kernel(g_ptr, y_ptr, coef_ptr, npix, I, BQ: tl.constexpr, BC: 
 
 @triton.jit
 def _conv_dgrad_kernel(
-    gy_ptr,                                            # dY_d [h, B, S_out, S_out, O]
-    w_ptr, sw_p, sw_o, sw_c, sw_kh, sw_kw,             # pooled weights [P, O, I, 4, 4]
-    ids_ptr, P,
-    out_ptr, so_b, so_h, so_w, so_c,                   # SHARED: dFeature (any strides); else dU_{d-1} [h,B,S,S,I]
-    y_ptr, scale_ptr, shift_ptr, stats_ptr, part_ptr,  # (not SHARED) layer d-1: Y, affine, stats, partials
-    B, S_in, S_out, I, O, H, T, G, CPG,
-    SHARED: tl.constexpr, CLASSES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKO: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    gys, ws, outs, yps, sizes, chans, counts, hs, starts, roffs, pools,   # per level
+    osb, osh, osw, osc,                                # per level (SHARED): strides of the feature gradient
+    aff_ptr, stats_ptr, part_ptr,                      # (not SHARED) layer d-1: affine, stats, partials out
+    ids_ptr, B, O, TM, TT, G, CPG,
+    L: tl.constexpr, SHARED: tl.constexpr, GATHERED: tl.constexpr, CLASSES: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    C16: tl.constexpr,
 ):
+    """dX of layer d. SHARED (d = 0): grid axis 2 = level, the reduction runs over the level's heads, out =
+    the feature gradient (any strides). Otherwise grid axis 2 = sorted head; out = dU_{d-1} [h, B, S, S, I]
+    (GroupNorm + SiLU backward of layer d-1 fused), partials into [H, B, TT, I, 3] at tile cls * T + t."""
     pid_m = tl.program_id(0)
-    t = pid_m % T
+    if SHARED:
+        lvl = tl.program_id(2)
+        sh = lvl * 0
+    else:
+        sh = tl.program_id(2)
+        lvl = _level_of(sh, hs, L)
+    S_in = _pick(sizes, lvl, L)
+    I = _channels(chans, lvl, L, C16)
+    hc = (S_in + 1) // 2
+    T = tl.cdiv(hc * hc, BM)
+    t = pid_m % TM
+    # Programs past this level's tiles or channels (layer 1: levels differ) loop over no head and store
+    # nothing (masks). Not an early `return`: that puts the GEMM loops in a branch and ptxas spills.
+    active = (t < T) & (tl.program_id(1) * BN < I)
     ncls = 4 // CLASSES
-    cls0 = ((pid_m // T) % ncls) * CLASSES
-    b = pid_m // (ncls * T)
+    cls0 = ((pid_m // TM) % ncls) * CLASSES
+    b = pid_m // (ncls * TM)
     for cls in range(cls0, cls0 + CLASSES):   # CLASSES input-pixel parity classes per program
-        _dgrad_class(gy_ptr, w_ptr, sw_p, sw_o, sw_c, sw_kh, sw_kw, ids_ptr, P, out_ptr, so_b, so_h, so_w, so_c,
-                     y_ptr, scale_ptr, shift_ptr, stats_ptr, part_ptr, B, S_in, S_out, I, O, H, T, G, CPG,
-                     b, cls, t, SHARED, BM, BN, BKO, PREC, UPCAST)
+        _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh, osw, osc,
+                     aff_ptr, stats_ptr, part_ptr, ids_ptr, B, O, TT, G, CPG, lvl, sh, S_in, I, T, b, cls, t,
+                     active, L, SHARED, GATHERED, BM, BN, BKO, PREC, UPCAST)
 
 
 @triton.jit
-def _dgrad_class(gy_ptr, w_ptr, sw_p, sw_o, sw_c, sw_kh, sw_kw, ids_ptr, P, out_ptr, so_b, so_h, so_w, so_c,
-                 y_ptr, scale_ptr, shift_ptr, stats_ptr, part_ptr, B, S_in, S_out, I, O, H, T, G, CPG,
-                 b, cls, t, SHARED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKO: tl.constexpr,
-                 PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh, osw, osc,
+                 aff_ptr, stats_ptr, part_ptr, ids_ptr, B, O, TT, G, CPG, lvl, sh, S_in, I, T, b, cls, t,
+                 active, L: tl.constexpr, SHARED: tl.constexpr, GATHERED: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_n = tl.program_id(1)
-    head = tl.program_id(2)
     ph = cls // 2
     pw = cls % 2
+    S_out = S_in // 2
     hc = (S_in + 1) // 2
     r = t * BM + tl.arange(0, BM)
     qh = 2 * (r // hc) + ph
@@ -307,18 +527,21 @@ def _dgrad_class(gy_ptr, w_ptr, sw_p, sw_o, sw_c, sw_kh, sw_kw, ids_ptr, P, out_
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < I
     npo = S_out * S_out
+    sw_p, sw_o, sw_c, sw_kh, sw_kw = _w_strides(I, O, GATHERED)
+    gy_ptr = _pick_ptr(gys, lvl, L)
+    w_ptr = _pick_ptr(ws, lvl, L)
 
     if SHARED:
         h_lo = 0
-        h_hi = H
+        h_hi = tl.where(active, _pick(counts, lvl, L), 0)
     else:
-        h_lo = head
-        h_hi = head + 1
+        h_lo = sh - _pick(hs, lvl, L)
+        h_hi = tl.where(active, h_lo + 1, h_lo)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for hh in range(h_lo, h_hi):
-        pid, id_ok = _load_head_id(ids_ptr, hh, P)
+        row, id_ok = _pool_row(ids_ptr, lvl, hh, starts, roffs, pools, L)
         gy_base = gy_ptr + (hh * B + b).to(tl.int64) * npo * O
-        w_base = w_ptr + pid * sw_p
+        w_base = w_ptr + (hh if GATHERED else row) * sw_p
         for kk in range(0, tl.cdiv(O, BKO) * 4):     # flat (output-channel chunk, tap of this parity) loop
             j = kk % 4
             os_ = (kk // 4) * BKO + tl.arange(0, BKO)
@@ -338,71 +561,84 @@ def _dgrad_class(gy_ptr, w_ptr, sw_p, sw_o, sw_c, sw_kh, sw_kw, ids_ptr, P, out_
         acc = tl.where(id_ok, acc, float("nan"))
 
     m = row_ok[:, None] & col_ok[None, :]
+    out_ptr = _pick_ptr(outs, lvl, L)
     if SHARED:
-        tl.store(out_ptr + b.to(tl.int64) * so_b + qh[:, None] * so_h + qw[:, None] * so_w + cols[None, :] * so_c,
-                 acc.to(out_ptr.dtype.element_ty), mask=m)
+        so_b = _pick(osb, lvl, L).to(tl.int64)
+        tl.store(out_ptr + b * so_b + qh[:, None] * _pick(osh, lvl, L) + qw[:, None] * _pick(osw, lvl, L)
+                 + cols[None, :] * _pick(osc, lvl, L), acc.to(out_ptr.dtype.element_ty), mask=m)
     else:
-        # GroupNorm + SiLU backward of layer d-1, up to the group reductions (done by the host, tiny).
-        hb = (head * B + b).to(tl.int64)
+        # GroupNorm + SiLU backward of layer d-1, up to the group reductions (_gn_bwd_finish_kernel).
+        hb = (sh * B + b).to(tl.int64)
+        lh = sh - _pick(hs, lvl, L)
         ga = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-        offs = hb * S_in * S_in * I + (qh * S_in + qw)[:, None] * I + cols[None, :]
-        yv = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        sc = tl.load(scale_ptr + hb * I + cols, mask=col_ok, other=0.0)
-        sh = tl.load(shift_ptr + hb * I + cols, mask=col_ok, other=0.0)
+        offs = (lh * B + b).to(tl.int64) * S_in * S_in * I + (qh * S_in + qw)[:, None] * I + cols[None, :]
+        yv = tl.load(_pick_ptr(yps, lvl, L) + offs, mask=m, other=0.0).to(tl.float32)
+        sc = tl.load(aff_ptr + hb * 2 * I + cols, mask=col_ok, other=0.0)
+        sf = tl.load(aff_ptr + hb * 2 * I + I + cols, mask=col_ok, other=0.0)
         grp = cols // CPG
         mean = tl.load(stats_ptr + (hb * G + grp) * 2, mask=col_ok, other=0.0)
         rstd = tl.load(stats_ptr + (hb * G + grp) * 2 + 1, mask=col_ok, other=0.0)
-        u = yv * sc[None, :] + sh[None, :]
+        u = yv * sc[None, :] + sf[None, :]
         gu = tl.where(m, ga * _silu_grad(u, tl.sigmoid(u)), 0.0)
         gur = gu.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs, gur, mask=m)
         gu = tl.where(m, gur.to(tl.float32), 0.0)
         xhat = (yv - mean[None, :]) * rstd[None, :]
-        pbase = part_ptr + (hb * 4 * T + cls * T + t) * I * 3 + cols * 3
-        tl.store(pbase, tl.sum(gu, axis=0), mask=col_ok)
-        tl.store(pbase + 1, tl.sum(tl.where(m, gu * xhat, 0.0), axis=0), mask=col_ok)
-        tl.store(pbase + 2, tl.sum(yv, axis=0), mask=col_ok)
+        pbase = part_ptr + (hb * TT + cls * T + t) * I * 3 + cols * 3
+        p_ok = col_ok & ((cols * 0 + t) < T)   # a tile t >= T would land on the next class's tiles
+        tl.store(pbase, tl.sum(gu, axis=0), mask=p_ok)
+        tl.store(pbase + 1, tl.sum(tl.where(m, gu * xhat, 0.0), axis=0), mask=p_ok)
+        tl.store(pbase + 2, tl.sum(yv, axis=0), mask=p_ok)
 
 
 @triton.jit
 def _conv_wgrad_kernel(
-    gy_ptr,                                            # dY_d [h, B, S_out, S_out, O]
-    x_ptr, sx_head, sx_b, sx_h, sx_w, sx_c,            # layer input (shared feature: sx_head = 0, or Y_{d-1})
-    scale_ptr, shift_ptr,                              # [h, B, I] fp32 (NORM)
-    gw_ptr,                                            # out: [h, O, I, 4, 4] contiguous (sparse-grad values)
-    B, S_in, S_out, I, O, NC,
-    NORM: tl.constexpr, TAPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    gys, xs, gws, sizes, chans, hs,                    # per level: dY_d, layer input, out [h, O, I, 4, 4], ints
+    aff_ptr,                                           # [H, B, 2, I] fp32 affine of Y_{d-1} (NORM)
+    B, O, NC,
+    L: tl.constexpr, NORM: tl.constexpr, TAPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, C16: tl.constexpr,
 ):
     pid0 = tl.program_id(0)
-    head = tl.program_id(2)
+    sh = tl.program_id(2)
+    lvl = _level_of(sh, hs, L)
+    I = _channels(chans, lvl, L, C16)
     pid_o = pid0 // NC
     pid_c = pid0 % NC
+    S_in = _pick(sizes, lvl, L)
+    lh = sh - _pick(hs, lvl, L)
     os_ = pid_o * BM + tl.arange(0, BM)
     o_ok = os_ < O
     cs = pid_c * BN + tl.arange(0, BN)
     c_ok = cs < I
-    npo = S_out * S_out
+    gy_ptr = _pick_ptr(gys, lvl, L)
+    x_ptr = _pick_ptr(xs, lvl, L)
+    gw_ptr = _pick_ptr(gws, lvl, L)
+    # Programs past this level's input channels (layer 1: levels differ) loop over no sample and store
+    # nothing (c_ok is all false). Not an early `return`: that puts the GEMM loops in a branch and ptxas spills.
+    nb = tl.where(pid_c * BN < I, B, 0)
     for tap in range(tl.program_id(1) * TAPS, tl.program_id(1) * TAPS + TAPS):   # TAPS taps per program
-        _wgrad_tap(gy_ptr, x_ptr, sx_head, sx_b, sx_h, sx_w, sx_c, scale_ptr, shift_ptr, gw_ptr,
-                   B, S_in, S_out, I, O, head, tap, os_, o_ok, cs, c_ok, npo, NORM, BM, BN, BK, PREC, UPCAST)
+        _wgrad_tap(gy_ptr, x_ptr, aff_ptr, gw_ptr, B, nb, S_in, I, O, sh, lh, tap, os_, o_ok, cs, c_ok,
+                   NORM, BM, BN, BK, PREC, UPCAST)
 
 
 @triton.jit
-def _wgrad_tap(gy_ptr, x_ptr, sx_head, sx_b, sx_h, sx_w, sx_c, scale_ptr, shift_ptr, gw_ptr,
-               B, S_in, S_out, I, O, head, tap, os_, o_ok, cs, c_ok, npo,
+def _wgrad_tap(gy_ptr, x_ptr, aff_ptr, gw_ptr, B, nb, S_in, I, O, sh, lh, tap, os_, o_ok, cs, c_ok,
                NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                PREC: tl.constexpr, UPCAST: tl.constexpr):
     kh = tap // 4
     kw = tap % 4
+    S_out = S_in // 2
+    npo = S_out * S_out
+    x_head = lh if NORM else lh * 0     # layer 1 reads the level's feature [B, S, S, I]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for b in range(B):
-        hb = (head * B + b).to(tl.int64)
-        gy_base = gy_ptr + hb * npo * O
-        x_base = x_ptr + head.to(tl.int64) * sx_head + (hb - head.to(tl.int64) * B) * sx_b
+    for b in range(nb):
+        gy_base = gy_ptr + (lh * B + b).to(tl.int64) * npo * O
+        x_base = x_ptr + (x_head * B + b).to(tl.int64) * S_in * S_in * I
         if NORM:
-            sc = tl.load(scale_ptr + hb * I + cs, mask=c_ok, other=0.0)
-            sh = tl.load(shift_ptr + hb * I + cs, mask=c_ok, other=0.0)
+            hb = (sh * B + b).to(tl.int64)
+            sc = tl.load(aff_ptr + hb * 2 * I + cs, mask=c_ok, other=0.0)
+            sf = tl.load(aff_ptr + hb * 2 * I + I + cs, mask=c_ok, other=0.0)
         for p0 in range(0, npo, BK):
             ps = p0 + tl.arange(0, BK)
             p_ok = ps < npo
@@ -411,27 +647,27 @@ def _wgrad_tap(gy_ptr, x_ptr, sx_head, sx_b, sx_h, sx_w, sx_c, scale_ptr, shift_
             x_ok = p_ok & (ih >= 0) & (ih < S_in) & (iw >= 0) & (iw < S_in)
             g = tl.load(gy_base + ps[None, :] * O + os_[:, None], mask=o_ok[:, None] & p_ok[None, :], other=0.0)
             mx = x_ok[:, None] & c_ok[None, :]
-            a = tl.load(x_base + ih[:, None] * sx_h + iw[:, None] * sx_w + cs[None, :] * sx_c, mask=mx, other=0.0)
+            a = tl.load(x_base + (ih * S_in + iw)[:, None] * I + cs[None, :], mask=mx, other=0.0)
             if NORM:
-                u = a.to(tl.float32) * sc[None, :] + sh[None, :]
-                a = tl.where(mx, u * tl.sigmoid(u), 0.0).to(gy_ptr.dtype.element_ty)
+                u = a.to(tl.float32) * sc[None, :] + sf[None, :]
+                a = tl.where(mx, u * tl.sigmoid(u), 0.0).to(g.dtype)
             acc = _mma(g, a, acc, PREC, UPCAST)
-    out = gw_ptr + head.to(tl.int64) * O * I * 16 + os_[:, None] * (I * 16) + cs[None, :] * 16 + tap
+    out = gw_ptr + lh.to(tl.int64) * O * I * 16 + os_[:, None] * (I * 16) + cs[None, :] * 16 + tap
     tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=o_ok[:, None] & c_ok[None, :])
 
 
 # ============================================================================================ host side
-
 
 # Upper limits of the block sizes (each block is also cut down to the problem size, never below 16).
 # GPU values are a reasonable default for Hopper/Ampere (untuned). The interpreter runs one program at a
 # time with a per-operation overhead, so it gets larger blocks (fewer programs / loop trips).
 # Tests set BLOCK_OVERRIDE to small values to exercise the multi-tile paths (stats combination, K loops).
 GPU_BLOCKS = dict(fwd_m=128, fwd_n=128, fwd_kc=32, fin_p=64, fin_c=64, dg_m=128, dg_n=128, dg_n_epi=64, dg_ko=32,
-                  dg_classes=1, wg_m=128, wg_n=128, wg_k=64, wg_taps=1, ew_q=64, ew_c=128)
+                  dg_classes=1, wg_m=128, wg_n=128, wg_k=64, wg_taps=1, ew_q=64, ew_c=128, gn_t=4)
 INTERPRETER_BLOCKS = dict(fwd_m=256, fwd_n=128, fwd_kc=64, fin_p=256, fin_c=128, dg_m=256, dg_n=128, dg_n_epi=128,
                           dg_ko=64,
-                          dg_classes=4, wg_m=128, wg_n=128, wg_k=1024, wg_taps=16, ew_q=1024, ew_c=128)
+                          dg_classes=4, wg_m=128, wg_n=128, wg_k=1024, wg_taps=16, ew_q=1024, ew_c=128,
+                          gn_t=256)
 # fp32 dots run on FMA units (IEEE) with fp32 operands: smaller tiles keep them out of register spills.
 GPU_FP32_BLOCKS = dict(GPU_BLOCKS, fwd_m=64, fwd_n=64, fwd_kc=16, dg_m=64, dg_n=64, dg_n_epi=64, dg_ko=16,
                        wg_m=64, wg_n=64, wg_k=16)
@@ -454,20 +690,13 @@ def weight_source() -> str:
                inside the kernel; no copy. The GEMM operand is then a stride-16 gather (2-byte loads).
     "gathered" per launch, the sampled heads' weights are first copied into [h, 4, 4, I, O] (contiguous
                along the GEMM's N / K dims, 16-byte loads); costs one read + write of the sampled weights
-               and that much transient memory. Same kernels (they take any weight strides).
+               and that much transient memory (per level: one copy launch per level and depth). Same kernels
+               (a constexpr picks the weight layout).
     """
     source = os.environ.get("NITROKERNELS_HEADS_WEIGHTS", "pool")
     if source not in ("pool", "gathered"):
         raise ValueError(f"NITROKERNELS_HEADS_WEIGHTS must be 'pool' or 'gathered', got {source!r}")
     return source
-
-
-def _conv_weights(w: torch.Tensor, ids: torch.Tensor, ids_c: torch.Tensor, arange: torch.Tensor):
-    """(weights indexed [row, O, I, kh, kw], row ids) for the conv kernels, per `weight_source()`."""
-    if weight_source() == "pool":
-        return w, ids
-    gathered = w.index_select(0, ids_c).permute(0, 3, 4, 2, 1).contiguous()   # [h, 4, 4, I, O]
-    return gathered.permute(0, 4, 3, 1, 2), arange
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -496,244 +725,314 @@ def _warps(bm: int, bn: int) -> int:
     return 8 if bm * bn >= 128 * 64 else 4
 
 
-def _strides_bhwc(x: torch.Tensor) -> tuple[int, int, int, int]:
-    """Strides of an NCHW-indexed tensor in (b, h, w, c) order (works for any memory layout)."""
-    return x.stride(0), x.stride(2), x.stride(3), x.stride(1)
 
 
-def _w_strides(w: torch.Tensor) -> tuple[int, ...]:
-    return tuple(w.stride())                                   # (p, o, c, kh, kw)
+# ------------------------------------------------------------------------------------------ level plan
+def level_order(counts, depths) -> tuple[list[int], dict[int, int]]:
+    """The levels that have sampled heads, deepest first (stable), and each one's first "sorted head" index.
+
+    With this order the heads that take part in layer depth d (levels deeper than d) are a prefix, so
+    per-depth buffers are [H_d, ...] and a head keeps its index at every depth (see the module doc)."""
+    order = sorted((l for l in range(len(counts)) if counts[l] > 0), key=lambda l: -depths[l])
+    first, n = {}, 0
+    for l in order:
+        first[l] = n
+        n += counts[l]
+    return order, first
 
 
-def _scale_shift(stats: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor):
-    """GroupNorm affine folded per (head, sample, channel): a = silu(y * scale + shift). fp32 [h, B, O]."""
-    h, batch, groups, _ = stats.shape
-    cpg = gamma.shape[1] // groups
-    mean, rstd = stats[..., 0:1], stats[..., 1:2]                           # [h, B, G, 1]
-    scale = rstd * gamma.view(h, 1, groups, cpg)                            # [h, B, G, cpg]
-    shift = beta.view(h, 1, groups, cpg) - mean * scale
-    return scale.reshape(h, batch, -1).contiguous(), shift.reshape(h, batch, -1).contiguous()
+class _Plan:
+    """Host-side description of one call: sizes per level and depth, launch order, per-level tuples."""
+
+    def __init__(self, features, conv_weights, ids, counts, row_offsets):
+        self.counts = [int(c) for c in counts]
+        self.depths = [len(w) for w in conv_weights]
+        self.order, self.first = level_order(self.counts, self.depths)
+        self.starts = [sum(self.counts[:l]) for l in range(len(counts))]     # caller offsets into ids / logits
+        self.roffs = [int(r) for r in row_offsets]
+        self.pools = [w[0].shape[0] for w in conv_weights]
+        self.sizes = []                                  # sizes[l][d]: map size at the input of layer d
+        for f, depth in zip(features, self.depths):
+            s = [f.shape[2]]
+            for _ in range(depth):
+                s.append(s[-1] // 2)
+            self.sizes.append(s)
+        self.chans = [[w.shape[2] for w in ws] for ws in conv_weights]   # input channels of layer d
+        self.dmax = max((self.depths[l] for l in self.order), default=0)   # deepest level with heads
+        self.ids = ids
+        self.rows = {}
+
+    def at(self, d: int) -> list[int]:
+        """Levels (launch order) that have a layer d."""
+        return [l for l in self.order if self.depths[l] > d]
+
+    def heads(self, d: int) -> int:
+        return sum(self.counts[l] for l in self.at(d))
+
+    def meta(self, lv) -> tuple[tuple, tuple, tuple, tuple]:
+        """(first sorted head, caller offset, row offset, pool size) per level: what _pool_row needs."""
+        return (tuple(self.first[l] for l in lv), tuple(self.starts[l] for l in lv),
+                tuple(self.roffs[l] for l in lv), tuple(self.pools[l] for l in lv))
+
+    def rows_of(self, l: int) -> torch.Tensor:
+        """Clamped pool rows of level l's heads (only the "gathered" weight source needs them on the host)."""
+        if l not in self.rows:
+            s = self.starts[l]
+            self.rows[l] = (self.ids[s:s + self.counts[l]].long() - self.roffs[l]).clamp(0, self.pools[l] - 1)
+        return self.rows[l]
+
+    def weights(self, conv_weights, d: int, lv, gathered: bool) -> tuple:
+        """Layer-d conv weights per level: the pooled tensors, or per-call [h, 4, 4, I, O] copies."""
+        if gathered:
+            return tuple(conv_weights[l][d].index_select(0, self.rows_of(l)).permute(0, 3, 4, 2, 1).contiguous()
+                         for l in lv)
+        return tuple(conv_weights[l][d].contiguous() for l in lv)
 
 
-def _finish_stats(part: torch.Tensor, npix: int, block: int, groups: int, eps: float) -> torch.Tensor:
-    """Combine per-tile (mean, M2) partials [h, B, T, O, 2] into GroupNorm (mean, rstd) [h, B, G, 2] (Chan)."""
-    h, batch, tiles, channels, _ = part.shape
-    cpg = channels // groups
-    counts = (npix - torch.arange(tiles, device=part.device, dtype=torch.float32) * block).clamp(max=block)
-    n = counts.view(1, 1, tiles, 1, 1)
-    tmean = part[..., 0].reshape(h, batch, tiles, groups, cpg)
-    tm2 = part[..., 1].reshape(h, batch, tiles, groups, cpg)
-    total = float(npix * cpg)
-    mean = (tmean * n).sum((2, 4)) / total
-    m2 = tm2.sum((2, 4)) + (n * (tmean - mean[:, :, None, :, None]).square()).sum((2, 4))
-    rstd = torch.rsqrt(m2 / total + eps)
-    return torch.stack((mean, rstd), -1)
+def _contig(tensors, lv, d=None) -> tuple:
+    """Per-level pooled tensors, contiguous (the kernels derive their strides from the shapes; parameters
+    already are, so this copies nothing unless a caller passes a strided view)."""
+    return tuple((tensors[l] if d is None else tensors[l][d]).contiguous() for l in lv)
 
 
-def _gn_bwd_coefs(part: torch.Tensor, stats: torch.Tensor, gamma: torch.Tensor, npix: int):
-    """From per-tile (sum dU, sum dU*xhat, sum Y) partials [h, B, T, I, 3]: the coefficients of
-    dY = alpha*dU + beta*Y + delta ([h, B, I, 3] fp32), the per-head affine gradients and the gradient of
-    the conv bias that produced Y, sum(dY) = alpha*sum(dU) + beta*sum(Y) + delta*npix ([h, I] fp32 each).
-    (The bias gradient from these fp32 sums avoids summing the rounded dY, which cancels heavily: dY sums
-    to zero over every group.)"""
-    h, batch, _, channels, _ = part.shape
-    groups = stats.shape[2]
-    cpg = channels // groups
-    sums = part.sum(2)                                                      # [h, B, I, 2]
-    p1, p2, p3 = sums[..., 0], sums[..., 1], sums[..., 2]
-    g_beta, g_gamma = p1.sum(1), p2.sum(1)                                  # [h, I]
-    n = float(npix * cpg)
-    c1 = (gamma[:, None] * p1).view(h, batch, groups, cpg).sum(-1) / n      # mean of dxhat
-    c2 = (gamma[:, None] * p2).view(h, batch, groups, cpg).sum(-1) / n      # mean of dxhat * xhat
-    mean, rstd = stats[..., 0], stats[..., 1]                               # [h, B, G]
-    alpha = rstd[..., None] * gamma.view(h, 1, groups, cpg)                 # [h, B, G, cpg]
-    beta = (-rstd * rstd * c2)[..., None].expand_as(alpha)
-    delta = (rstd * rstd * c2 * mean - rstd * c1)[..., None].expand_as(alpha)
-    coef = torch.stack((alpha, beta, delta), -1).reshape(h, batch, channels, 3).contiguous()
-    g_bias = (coef[..., 0] * p1 + coef[..., 1] * p3 + coef[..., 2] * npix).sum(1)
-    return coef, g_gamma, g_beta, g_bias
+def _c16(chans) -> bool:
+    return all(c % 16 == 0 for c in chans)
 
 
-def _gn_bwd_apply(g: torch.Tensor, y: torch.Tensor, coef: torch.Tensor) -> None:
-    h, batch, s, _, channels = g.shape
+def _gn_blocks(tiles: int, groups: int, cpg: int) -> dict:
+    """Blocks of the GroupNorm finish kernels: [tiles per trip, groups, channels per group]."""
+    return dict(BT=max(2, min(_cap("gn_t"), _np2(tiles))), BG=max(2, _np2(groups)), BC=max(2, _np2(cpg)))
+
+
+def _dgrad_config(plan: _Plan, d: int, lv, out_channels: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BKO, tiles of the largest level, parity classes per program) of layer d's data gradient."""
+    hcs = [(plan.sizes[l][d] + 1) // 2 for l in lv]
+    bm = _clamp_block(max(hcs) ** 2, 16, "dg_m")
+    bn = _clamp_block(max(plan.chans[l][d] for l in lv), 16, "dg_n" if d == 0 else "dg_n_epi")
+    bko = _clamp_block(out_channels, 16, "dg_ko")
+    return bm, bn, bko, max(triton.cdiv(h * h, bm) for h in hcs), _cap("dg_classes")
+
+
+def _final_config(plan: _Plan, hidden: int, is_global: bool) -> tuple[int, int, int, int]:
+    """(map size, BP/BQ, BC, tiles) of the final conv (the same for every level)."""
+    s = plan.sizes[plan.order[0]][-1]
     npix = s * s
-    bq = _clamp_block(npix, 16, "ew_q")
-    bc = _clamp_block(channels, 16, "ew_c")
-    grid = (triton.cdiv(npix, bq), triton.cdiv(channels, bc), h * batch)
-    _gn_bwd_apply_kernel[grid](g, y, coef, npix, channels, BQ=bq, BC=bc, num_warps=4)
-
-
-def head_stack_forward(feature, conv_weights, conv_biases, norm_weights, norm_biases, final_weight, final_bias,
-                       ids, num_groups, eps):
-    """Forward of all sampled heads of one level. Returns (logits, [Y_d], [stats_d]) (see module doc).
-
-    Inputs are validated by the caller (ops.heads); `ids` may be int32 or int64 on the feature's device.
-    """
-    h = ids.numel()
-    batch, channels, size, _ = feature.shape
-    dtype, device = feature.dtype, feature.device
-    prec, upcast = _dot_mode(dtype)
-    _DTYPE[0] = dtype
-    pool = conv_weights[0].shape[0]
-    ids_c = ids.long().clamp(0, pool - 1)
-    arange = torch.arange(h, device=device)
-
-    x = _channels_last(feature)
-    sx, sx_head = _strides_bhwc(x), 0
-    scale = shift = feature                      # placeholders while the input is the raw feature
-    s_in, c_in = size, channels
-    ys, stats = [], []
-    for d, (w, bias) in enumerate(zip(conv_weights, conv_biases)):
-        c_out = w.shape[1]
-        s_out = s_in // 2
-        npix = s_out * s_out
-        bm = _clamp_block(npix, 16, "fwd_m")
-        bn = _clamp_block(c_out, 16, "fwd_n")
-        bkc = _clamp_block(c_in, 16, "fwd_kc")
-        tiles = triton.cdiv(npix, bm)
-        y = torch.empty((h, batch, s_out, s_out, c_out), dtype=dtype, device=device)
-        part = torch.empty((h, batch, tiles, c_out, 2), dtype=torch.float32, device=device)
-        grid = (batch * tiles, triton.cdiv(c_out, bn), h)
-        wk, wids = _conv_weights(w, ids, ids_c, arange)
-        _conv_fwd_kernel[grid](
-            x, sx_head, *sx, scale, shift, wk, *_w_strides(wk), bias, bias.stride(0), bias.stride(1), ids, pool, wids,
-            y, part, batch, s_in, s_out, c_in, c_out, tiles,
-            NORM=d > 0, BM=bm, BN=bn, BKC=bkc, PREC=prec, UPCAST=upcast, num_warps=_warps(bm, bn), num_stages=3)
-        st = _finish_stats(part, npix, bm, num_groups, eps)
-        ys.append(y)
-        stats.append(st)
-        scale, shift = _scale_shift(st, norm_weights[d].index_select(0, ids_c).float(),
-                                    norm_biases[d].index_select(0, ids_c).float())
-        x, sx_head, sx = y, y.stride(0), (y.stride(1), y.stride(2), y.stride(3), y.stride(4))
-        s_in, c_in = s_out, c_out
-
-    k = final_weight.shape[-1]
-    is_global = k != 1                      # validated: a global head's map is exactly k x k
-    out = torch.empty((h, batch) if is_global else (h, batch, s_in, s_in), dtype=dtype, device=device)
-    npix = s_in * s_in
     bp = _np2(npix) if is_global else _clamp_block(npix, 16, "fin_p")
-    bc = _clamp_block(c_in, 16, "fin_c")
-    _final_fwd_kernel[(triton.cdiv(npix, bp), batch, h)](
-        ys[-1], scale, shift, final_weight, final_weight.stride(0), final_weight.stride(2), final_weight.stride(3),
-        final_weight.stride(4), final_bias, final_bias.stride(0), ids, pool, out, batch, s_in, c_in,
-        GLOBAL=is_global, BP=bp, BC=bc, num_warps=4)
-    return out, ys, stats
+    return s, bp, _clamp_block(hidden, 16, "fin_c"), triton.cdiv(npix, bp)
 
 
-def head_stack_backward(grad_out, feature, conv_weights, conv_biases, norm_weights, norm_biases, final_weight,
-                        final_bias, ids, ys, stats, num_groups, eps, need_feature_grad=True, need_param_grads=True):
-    """Backward of `head_stack_forward` from its saved (Y_d, stats_d).
+# ------------------------------------------------------------------------------------------ forward
+def levels_forward(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights, final_biases,
+                   ids, counts, row_offsets, num_groups, eps):
+    """Forward of every sampled head of every level: one launch per kernel type per layer depth.
 
-    Returns (d_feature or None, [dW_d values [h, O, I, 4, 4]], [db_d [h, O]], [dgamma_d], [dbeta_d],
-    dW_final [h, 1, I, k, k], db_final [h, 1]); parameter gradients are None when not needed.
+    Per-level lists (conv_weights[l][d], ...); level l's heads are rows ids[o_l : o_l + counts[l]] -
+    row_offsets[l] of its pooled tensors, o_l = sum(counts[:l]). Inputs are validated by the caller
+    (ops.heads): at every depth the levels share their output channels, and all final maps / final convs
+    have one shape. Returns (logits [H, B] or [H, B, S, S] in the caller's order, ys[l][d] [h_l, B, S, S, O],
+    stats[d] [H_d, B, G, 2], affine[d] [H_d, B, 2, O]; the last two fp32 in launch order, see module doc).
     """
-    h = ids.numel()
-    batch, channels, size, _ = feature.shape
-    dtype, device = feature.dtype, feature.device
+    plan = _Plan(features, conv_weights, ids, counts, row_offsets)
+    batch = features[0].shape[0]
+    dtype, device = features[0].dtype, features[0].device
     prec, upcast = _dot_mode(dtype)
     _DTYPE[0] = dtype
-    pool = conv_weights[0].shape[0]
-    ids_c = ids.long().clamp(0, pool - 1)
-    arange = torch.arange(h, device=device)
-    depth = len(conv_weights)
-    grad_out = grad_out.contiguous()
+    gathered = weight_source() == "gathered"
+    groups = num_groups
+    ys = [[torch.empty((plan.counts[l], batch, plan.sizes[l][d + 1], plan.sizes[l][d + 1], w.shape[1]),
+                       dtype=dtype, device=device) for d, w in enumerate(conv_weights[l])]
+          for l in range(len(features))]
+    stats, affine = [], []
+    xs = {l: _channels_last(features[l]) for l in plan.order}
+    for d in range(plan.dmax):
+        lv = plan.at(d)
+        heads = plan.heads(d)
+        c_out = conv_weights[lv[0]][d].shape[1] if lv else 1
+        stats.append(torch.empty((heads, batch, groups, 2), dtype=torch.float32, device=device))
+        affine.append(torch.empty((heads, batch, 2, c_out), dtype=torch.float32, device=device))
+        if not lv:
+            continue
+        sizes = tuple(plan.sizes[l][d] for l in lv)
+        chans = tuple(plan.chans[l][d] for l in lv)
+        npix = [(s // 2) ** 2 for s in sizes]
+        bm = _clamp_block(max(npix), 16, "fwd_m")
+        bn = _clamp_block(c_out, 16, "fwd_n")
+        bkc = _clamp_block(max(chans), 16, "fwd_kc")
+        tiles = max(triton.cdiv(n, bm) for n in npix)
+        part = torch.empty((heads, batch, tiles, c_out, 3), dtype=torch.float32, device=device)
+        _conv_fwd_kernel[(batch * tiles, triton.cdiv(c_out, bn), heads)](
+            tuple(xs[l] for l in lv), plan.weights(conv_weights, d, lv, gathered), _contig(conv_biases, lv, d),
+            tuple(ys[l][d] for l in lv), *plan.meta(lv), sizes, chans, affine[d - 1] if d else part, ids, part,
+            batch, c_out, tiles,
+            L=len(lv), NORM=d > 0, GATHERED=gathered, BM=bm, BN=bn, BKC=bkc, PREC=prec, UPCAST=upcast,
+            C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=3)
+        cpg = c_out // groups
+        _gn_fwd_finish_kernel[(heads * batch,)](
+            _contig(norm_weights, lv, d), _contig(norm_biases, lv, d), tuple(triton.cdiv(n, bm) for n in npix),
+            *plan.meta(lv), ids, part, stats[d],
+            affine[d], batch, c_out, tiles, groups, cpg, float(eps),
+            L=len(lv), **_gn_blocks(tiles, groups, cpg), num_warps=4)
+        for l in lv:
+            xs[l] = ys[l][d]
 
-    gammas = [g.index_select(0, ids_c).float() for g in norm_weights]
-    betas = [b.index_select(0, ids_c).float() for b in norm_biases]
-    affine = [_scale_shift(st, g, b) for st, g, b in zip(stats, gammas, betas)]
-    g_w = [None] * depth
-    g_b = [None] * depth
-    g_gamma = [None] * depth
-    g_beta = [None] * depth
-
-    # ---- final conv and the GroupNorm + SiLU of the last layer
-    y_last = ys[-1]
-    s_last, c_last = y_last.shape[2], y_last.shape[4]
-    npix = s_last * s_last
-    k = final_weight.shape[-1]
+    total = sum(plan.counts)
+    lv = plan.order
+    k = final_weights[0].shape[-1]
     is_global = k != 1
-    bq = _np2(npix) if is_global else _clamp_block(npix, 16, "fin_p")
-    bc = _clamp_block(c_last, 16, "fin_c")
-    tiles = triton.cdiv(npix, bq)
-    gu = torch.empty_like(y_last)
-    part = torch.empty((h, batch, tiles, c_last, 3), dtype=torch.float32, device=device)
-    gwp = torch.empty((h, batch, c_last, npix) if is_global else (h, batch * tiles, c_last),
+    if not lv:
+        s = plan.sizes[0][-1]
+        return features[0].new_empty((0, batch) if is_global else (0, batch, s, s)), ys, stats, affine
+    hidden = final_weights[lv[0]].shape[2]
+    s, bp, bc, tiles = _final_config(plan, hidden, is_global)
+    out = torch.empty((total, batch) if is_global else (total, batch, s, s), dtype=dtype, device=device)
+    _final_fwd_kernel[(tiles, batch, total)](
+        tuple(ys[l][-1] for l in lv), tuple(affine[plan.depths[l] - 1] for l in lv), _contig(final_weights, lv),
+        _contig(final_biases, lv), *plan.meta(lv), ids, out, batch, s, hidden,
+        L=len(lv), GLOBAL=is_global, BP=bp, BC=bc, num_warps=4)
+    return out, ys, stats, affine
+
+
+# ------------------------------------------------------------------------------------------ backward
+def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights,
+                    final_biases, ids, counts, row_offsets, ys, stats, affine, num_groups, eps,
+                    need_feature_grads, need_param_grads):
+    """Backward of `levels_forward` from its saved (ys, stats, affine): one launch per kernel type per depth.
+
+    Returns (d_features [per level, None where not needed or the level has no heads], dW [l][d] values
+    [h_l, O, I, 4, 4], db[d] / dgamma[d] / dbeta[d] [H_d, O] (launch order), dW_final [H, 1, I, k, k] and
+    db_final [H, 1] (caller order)); parameter gradients are None when not needed.
+    """
+    plan = _Plan(features, conv_weights, ids, counts, row_offsets)
+    batch = features[0].shape[0]
+    dtype, device = features[0].dtype, features[0].device
+    prec, upcast = _dot_mode(dtype)
+    _DTYPE[0] = dtype
+    gathered = weight_source() == "gathered"
+    groups = num_groups
+    nlev, dmax, order = len(features), plan.dmax, plan.order
+    g_features = [None] * nlev
+    g_w = [[None] * plan.depths[l] for l in range(nlev)]
+    g_b, g_gamma, g_beta = [None] * dmax, [None] * dmax, [None] * dmax
+    total = sum(plan.counts)
+    if not order:
+        return g_features, g_w, g_b, g_gamma, g_beta, None, None
+    grad_out = grad_out.contiguous()
+    c_out = [conv_weights[plan.at(d)[0]][d].shape[1] for d in range(dmax)]
+
+    # GroupNorm-backward partials of depth d: written by the final kernel (levels whose last layer is d) at
+    # tiles [0, T_final) and by layer d+1's data gradient (deeper levels) at tiles [0, 4 * T_level).
+    k = final_weights[0].shape[-1]
+    is_global = k != 1
+    hidden = final_weights[order[0]].shape[2]
+    s_fin, bq, bc, t_fin = _final_config(plan, hidden, is_global)
+    dg_cfg = {d: _dgrad_config(plan, d, plan.at(d), c_out[d]) for d in range(1, dmax)}
+    written = {}                                 # (level, depth) -> partial tiles written
+    for l in order:
+        for d in range(plan.depths[l]):
+            if d == plan.depths[l] - 1:
+                written[(l, d)] = t_fin
+            else:
+                hc = (plan.sizes[l][d + 1] + 1) // 2
+                written[(l, d)] = 4 * triton.cdiv(hc * hc, dg_cfg[d + 1][0])
+    part_tiles = [max(written[(l, d)] for l in plan.at(d)) for d in range(dmax)]
+    parts = [torch.empty((plan.heads(d), batch, part_tiles[d], c_out[d], 3), dtype=torch.float32, device=device)
+             for d in range(dmax)]
+
+    # ---- final conv and the GroupNorm + SiLU of every level's last layer
+    gus = {(l, plan.depths[l] - 1): torch.empty_like(ys[l][-1]) for l in order}
+    last = [plan.depths[l] - 1 for l in order]
+    npix = s_fin * s_fin
+    gwp = torch.empty((total, batch, hidden, npix) if is_global else (total, batch * t_fin, hidden),
                       dtype=torch.float32, device=device)
-    _final_bwd_kernel[(tiles, batch, h)](
-        grad_out, y_last, affine[-1][0], affine[-1][1], stats[-1], final_weight, final_weight.stride(0),
-        final_weight.stride(2), final_weight.stride(3), final_weight.stride(4), ids, pool, gu, part, gwp,
-        batch, s_last, c_last, tiles, num_groups, c_last // num_groups,
-        GLOBAL=is_global, BQ=bq, BC=bc, num_warps=4)
+    _final_bwd_kernel[(t_fin, batch, total)](
+        tuple(ys[l][-1] for l in order), tuple(affine[d] for d in last), tuple(stats[d] for d in last),
+        _contig(final_weights, order), tuple(gus[(l, d)] for l, d in zip(order, last)),
+        tuple(parts[d] for d in last), tuple(part_tiles[d] for d in last), *plan.meta(order),
+        grad_out, ids, gwp, batch, s_fin, hidden, t_fin, groups, hidden // groups,
+        L=len(order), GLOBAL=is_global, BQ=bq, BC=bc, num_warps=4)
     g_wf = g_bf = None
     if need_param_grads:
-        g_wf = gwp.sum(1).view(h, 1, c_last, k, k).to(final_weight.dtype)
-        g_bf = grad_out.float().reshape(h, -1).sum(1, keepdim=True).to(final_bias.dtype)
-    coef, g_gamma[-1], g_beta[-1], g_b[-1] = _gn_bwd_coefs(part, stats[-1], gammas[-1], npix)
-    _gn_bwd_apply(gu, y_last, coef)
-    gy = gu                                                     # dY of layer depth-1
+        g_wf = gwp.sum(1).view(total, 1, hidden, k, k).to(dtype)
+        g_bf = grad_out.float().reshape(total, -1).sum(1, keepdim=True).to(dtype)
 
     # ---- conv layers, last to first
-    g_feature = None
-    for d in range(depth - 1, -1, -1):
-        w = conv_weights[d]
-        c_out, c_in = w.shape[1], w.shape[2]
-        s_out = gy.shape[2]
-        s_in = size if d == 0 else ys[d - 1].shape[2]
-        if d == 0:
-            x = _channels_last(feature) if need_param_grads else feature
-            sx_head, sx = 0, _strides_bhwc(x)
-            scale = shift = x
-        else:
-            x = ys[d - 1]
-            sx_head, sx = x.stride(0), (x.stride(1), x.stride(2), x.stride(3), x.stride(4))
-            scale, shift = affine[d - 1]
-        if need_param_grads:
-            bm = _clamp_block(c_out, 16, "wg_m")
-            bn = _clamp_block(c_in, 16, "wg_n")
-            bk = _clamp_block(s_out * s_out, 16, "wg_k")
-            nc = triton.cdiv(c_in, bn)
-            gw = torch.empty((h, c_out, c_in, 4, 4), dtype=w.dtype, device=device)
-            taps = _cap("wg_taps")
-            _conv_wgrad_kernel[(triton.cdiv(c_out, bm) * nc, 16 // taps, h)](
-                gy, x, sx_head, *sx, scale, shift, gw, batch, s_in, s_out, c_in, c_out, nc,
-                NORM=d > 0, TAPS=taps, BM=bm, BN=bn, BK=bk, PREC=prec, UPCAST=upcast, num_warps=_warps(bm, bn), num_stages=3)
-            g_w[d] = gw
-        if d == 0 and not need_feature_grad:
-            break
-        hc = (s_in + 1) // 2
-        bm = _clamp_block(hc * hc, 16, "dg_m")
-        bn = _clamp_block(c_in, 16, "dg_n" if d == 0 else "dg_n_epi")
-        bko = _clamp_block(c_out, 16, "dg_ko")
-        tiles = triton.cdiv(hc * hc, bm)
-        classes = _cap("dg_classes")
-        grid = (batch * (4 // classes) * tiles, triton.cdiv(c_in, bn), 1 if d == 0 else h)
-        wk, wids = _conv_weights(w, ids, ids_c, arange)
-        if d == 0:   # computed channels-last (contiguous stores), returned in the feature's layout
-            g_feature = torch.empty_like(feature, memory_format=torch.channels_last)
-            _conv_dgrad_kernel[grid](
-                gy, wk, *_w_strides(wk), wids, wk.shape[0], g_feature, *_strides_bhwc(g_feature),
-                gy, gy, gy, gy, gy, batch, s_in, s_out, c_in, c_out, h, tiles, 1, 1,
-                SHARED=True, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec, UPCAST=upcast, num_warps=_warps(bm, bn), num_stages=3)
-        else:
-            y_prev = ys[d - 1]
-            gu = torch.empty_like(y_prev)
-            part = torch.empty((h, batch, 4 * tiles, c_in, 3), dtype=torch.float32, device=device)
-            _conv_dgrad_kernel[grid](
-                gy, wk, *_w_strides(wk), wids, wk.shape[0], gu, 0, 0, 0, 0,
-                y_prev, scale, shift, stats[d - 1], part, batch, s_in, s_out, c_in, c_out, h, tiles,
-                num_groups, c_in // num_groups,
-                SHARED=False, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec, UPCAST=upcast, num_warps=_warps(bm, bn), num_stages=3)
-            coef, g_gamma[d - 1], g_beta[d - 1], g_b[d - 1] = _gn_bwd_coefs(part, stats[d - 1], gammas[d - 1],
-                                                                             s_in * s_in)
-            _gn_bwd_apply(gu, y_prev, coef)
-            gy = gu
+    for d in range(dmax - 1, -1, -1):
+        lv = plan.at(d)
+        heads, co = plan.heads(d), c_out[d]
+        meta = plan.meta(lv)
+        # GroupNorm backward of layer d (its dU is complete: final kernel or layer d+1's data gradient)
+        cpg = co // groups
+        coef = torch.empty((heads, batch, co, 3), dtype=torch.float32, device=device)
+        g_gamma[d], g_beta[d], g_b[d] = (torch.empty((heads, co), dtype=dtype, device=device) for _ in range(3))
+        out_sizes = tuple(plan.sizes[l][d + 1] for l in lv)
+        _gn_bwd_finish_kernel[(heads,)](
+            _contig(norm_weights, lv, d), out_sizes, tuple(written[(l, d)] for l in lv), *meta, ids, parts[d], stats[d], coef, g_gamma[d], g_beta[d],
+            g_b[d], batch, co, part_tiles[d], groups, cpg,
+            L=len(lv), **_gn_blocks(part_tiles[d], groups, cpg), num_warps=4)
+        eq = _clamp_block(max(out_sizes) ** 2, 16, "ew_q")
+        ec = _clamp_block(co, 16, "ew_c")
+        gy = tuple(gus[(l, d)] for l in lv)
+        _gn_bwd_apply_kernel[(triton.cdiv(max(out_sizes) ** 2, eq), triton.cdiv(co, ec), heads * batch)](
+            gy, tuple(ys[l][d] for l in lv), out_sizes, meta[0], coef, batch, co,
+            L=len(lv), BQ=eq, BC=ec, num_warps=4)
 
-    if need_param_grads:
-        g_gamma = [g.to(p.dtype) for g, p in zip(g_gamma, norm_weights)]
-        g_beta = [g.to(p.dtype) for g, p in zip(g_beta, norm_biases)]
-        g_b = [g.to(p.dtype) for g, p in zip(g_b, conv_biases)]
-    else:
-        g_gamma, g_beta, g_b = [None] * depth, [None] * depth, [None] * depth
-    if g_feature is not None and not feature.is_contiguous(memory_format=torch.channels_last):
-        g_feature = torch.empty_like(feature).copy_(g_feature)     # the contract: the feature's layout
-    return g_feature, g_w, g_b, g_gamma, g_beta, g_wf, g_bf
+        sizes = tuple(plan.sizes[l][d] for l in lv)
+        chans = tuple(plan.chans[l][d] for l in lv)
+        if d == 0:
+            xs = tuple(_channels_last(features[l]) for l in lv)
+            aff_prev = parts[0]                  # unused placeholder (NORM=False)
+        else:
+            xs = tuple(ys[l][d - 1] for l in lv)
+            aff_prev = affine[d - 1]
+        if need_param_grads:
+            bm = _clamp_block(co, 16, "wg_m")
+            bn = _clamp_block(max(chans), 16, "wg_n")
+            bk = _clamp_block(max(s // 2 for s in sizes) ** 2, 16, "wg_k")
+            nc = triton.cdiv(max(chans), bn)
+            for l in lv:
+                g_w[l][d] = torch.empty((plan.counts[l], co, plan.chans[l][d], 4, 4), dtype=dtype, device=device)
+            taps = _cap("wg_taps")
+            _conv_wgrad_kernel[(triton.cdiv(co, bm) * nc, 16 // taps, heads)](
+                gy, xs, tuple(g_w[l][d] for l in lv), sizes, chans, meta[0], aff_prev, batch, co, nc,
+                L=len(lv), NORM=d > 0, TAPS=taps, BM=bm, BN=bn, BK=bk, PREC=prec, UPCAST=upcast,
+                C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=3)
+        if d == 0:
+            _feature_grads(plan, conv_weights, gus, features, need_feature_grads, g_features, co, gathered,
+                           prec, upcast)
+            break
+        bm, bn, bko, tiles, classes = dg_cfg[d]
+        for l in lv:
+            gus[(l, d - 1)] = torch.empty_like(ys[l][d - 1])
+        zeros = (0,) * len(lv)
+        _conv_dgrad_kernel[(batch * (4 // classes) * tiles, triton.cdiv(max(chans), bn), heads)](
+            gy, plan.weights(conv_weights, d, lv, gathered), tuple(gus[(l, d - 1)] for l in lv),
+            tuple(ys[l][d - 1] for l in lv), sizes, chans, tuple(plan.counts[l] for l in lv), *meta,
+            zeros, zeros, zeros, zeros, affine[d - 1], stats[d - 1], parts[d - 1], ids,
+            batch, co, tiles, part_tiles[d - 1], groups, chans[0] // groups,
+            L=len(lv), SHARED=False, GATHERED=gathered, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec,
+            UPCAST=upcast, C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=3)
+
+    if not need_param_grads:
+        g_w = [[None] * plan.depths[l] for l in range(nlev)]
+        g_b, g_gamma, g_beta = [None] * dmax, [None] * dmax, [None] * dmax
+    return g_features, g_w, g_b, g_gamma, g_beta, g_wf, g_bf
+
+
+def _feature_grads(plan, conv_weights, gus, features, need, g_features, c_out, gathered, prec, upcast):
+    """Layer 1's data gradient of every level that needs it: one program column (grid axis 2) per level,
+    summed over the level's heads inside the GEMM, written in the feature's own memory layout."""
+    lv = [l for l in plan.order if need[l]]
+    if not lv:
+        return
+    for l in lv:
+        g_features[l] = torch.empty_like(features[l])
+    bm, bn, bko, tiles, classes = _dgrad_config(plan, 0, lv, c_out)
+    outs = tuple(g_features[l] for l in lv)
+    strides = [tuple(g.stride(i) for g in outs) for i in (0, 2, 3, 1)]      # (b, h, w, c)
+    chans = tuple(plan.chans[l][0] for l in lv)
+    _conv_dgrad_kernel[(features[0].shape[0] * (4 // classes) * tiles, triton.cdiv(max(chans), bn), len(lv))](
+        tuple(gus[(l, 0)] for l in lv), plan.weights(conv_weights, 0, lv, gathered), outs, outs,
+        tuple(plan.sizes[l][0] for l in lv), chans, tuple(plan.counts[l] for l in lv), *plan.meta(lv),
+        *strides, plan.ids, plan.ids, plan.ids, plan.ids, features[0].shape[0], c_out, tiles, 1, 1, 1,
+        L=len(lv), SHARED=True, GATHERED=gathered, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec,
+        UPCAST=upcast, C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=3)

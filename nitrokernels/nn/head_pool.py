@@ -3,7 +3,7 @@
     pool = HeadPool()                                   # 10 SDXL levels x 4 heads, hidden 256, global heads
     opt = nitrokernels.optim.SampledAdamW(pool.parameters(), lr=1e-4)
     ids = pool.sample(2)                                # 2 heads per level, level-major, no host sync
-    logits = pool(features, ids)                        # [20, B]; one grouped op call per level
+    logits = pool(features, ids)                        # [20, B]; ONE grouped op call for all levels
     loss = F.softplus(-logits).mean(); loss.backward()  # sparse gradients: only the sampled heads' rows
     opt.step(); opt.zero_grad()
     pool.refresh_(0.01, optimizer=opt)                  # re-initialise ~1% of the heads and their moments
@@ -21,8 +21,9 @@ Storage. One tensor per layer depth per level, indexed by head along dim 0 (pool
 [P, hidden, C_in, 4, 4], conv_bias / norm_weight / norm_bias.<d> [P, hidden], final_weight
 [P, 1, hidden, k, k], final_bias [P, 1]); each head is initialised like torch's Conv2d (uniform in
 +-1/sqrt(fan_in) for weight and bias) and GroupNorm (weight 1, bias 0). The math runs in
-`nitrokernels.ops.head_stack`, which gives these tensors SPARSE COO gradients (rows = sampled heads): use
-`nitrokernels.optim.SampledAdamW` (torch.optim.AdamW rejects sparse gradients).
+`nitrokernels.ops.head_levels`, all levels in one call (on the Triton backend one launch per kernel type
+per layer depth, whatever the number of levels), which gives these tensors SPARSE COO gradients (rows =
+sampled heads): use `nitrokernels.optim.SampledAdamW` (torch.optim.AdamW rejects sparse gradients).
 
 Dtypes. The op runs in the features' dtype. When the parameters have another dtype (fp32 master weights with
 bf16 features, say), the sampled heads' rows -- never the pool -- are gathered and cast for the call, and
@@ -32,9 +33,9 @@ Head ids and host syncs. `forward(features, head_ids)` accepts any LongTensor of
 order, repeats allowed, several levels mixed) and returns logits in the caller's order. Grouping arbitrary
 ids by level needs their values on the host: one device->host copy (a sync) per call. `sample()` instead
 returns a `HeadSample` -- a LongTensor whose ids are laid out level-major with a fixed count per level,
-which it records -- and `forward` then slices it per level on the device with no host sync, so the step can
-be captured in a CUDA graph for a fixed count. On a GPU the range of a HeadSample's ids is then trusted (it
-is in range by construction; head_stack's device-side assert is the backstop); on the CPU it is checked.
+which it records -- and `forward` then passes it as it is, with those counts, to the one op call (no
+host sync), so the step can be captured in a CUDA graph for a fixed count. On a GPU the range of a HeadSample's ids is then trusted (it
+is in range by construction; head_levels' device-side assert is the backstop); on the CPU it is checked.
 `pool.as_sample(ids, count_per_level)` validates a level-major id tensor of your own once and returns it
 as a HeadSample. Any operation on a HeadSample (indexing, cat, clone, .to another device) returns a plain
 tensor, which takes the general path again.
@@ -55,10 +56,10 @@ KINDS = ("global", "local")
 _KERNEL, _STRIDE, _PADDING = 4, 2, 1
 
 
-def _head_stack(*args, **kwargs):
-    from nitrokernels.ops.heads import head_stack  # imported on first use (the op module pulls in Triton)
+def _head_levels(*args, **kwargs):
+    from nitrokernels.ops.heads import head_levels  # imported on first use (the op module pulls in Triton)
 
-    return head_stack(*args, **kwargs)
+    return head_levels(*args, **kwargs)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -77,7 +78,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (ids,) = ctx.saved_tensors
-        if grad.is_sparse:  # head_stack's gradient: rows of the gathered tensor
+        if grad.is_sparse:  # head_levels' gradient: rows of the gathered tensor
             rows, values = ids.index_select(0, grad._indices()[0]), grad._values()
         else:
             rows, values = ids, grad
@@ -386,37 +387,41 @@ class HeadPool(nn.Module):
                              f"{self.heads_per_level} heads)")
         return counts
 
-    def _run_level(self, level: int, feature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        heads = self.pools[level]
-        tensors = [list(heads.conv_weight), list(heads.conv_bias), list(heads.norm_weight), list(heads.norm_bias),
-                   heads.final_weight, heads.final_bias]
-        if feature.dtype != heads.final_bias.dtype:  # gather + cast the sampled rows only (see _GatherRows)
-            def cast(t):
-                return _GatherRows.apply(t, rows, feature.dtype)
-            tensors = [[cast(t) for t in ts] for ts in tensors[:4]] + [cast(tensors[4]), cast(tensors[5])]
-            rows = torch.arange(rows.numel(), device=rows.device)
-        return _head_stack(feature, *tensors, rows, num_groups=self.num_groups, eps=self.eps)
+    def _run_levels(self, features, ids: torch.Tensor, counts, row_offsets) -> torch.Tensor:
+        """One head_levels call for every level: level l's heads are pool rows ids[o_l : o_l + counts[l]] -
+        row_offsets[l] (o_l = sum(counts[:l])); logits in the order of `ids`."""
+        pools = self.pools
+        tensors = [[list(p.conv_weight) for p in pools], [list(p.conv_bias) for p in pools],
+                   [list(p.norm_weight) for p in pools], [list(p.norm_bias) for p in pools],
+                   [p.final_weight for p in pools], [p.final_bias for p in pools]]
+        if features[0].dtype != pools[0].final_bias.dtype:  # gather + cast the sampled rows only (_GatherRows)
+            starts = [sum(counts[:l]) for l in range(len(counts))]
+            rows = [ids[s:s + c] - r for s, c, r in zip(starts, counts, row_offsets)]
+
+            def cast(t, level):
+                return _GatherRows.apply(t, rows[level], features[0].dtype)
+            tensors = [[[cast(t, level) for t in ts] for level, ts in enumerate(per_level)] for per_level in tensors[:4]] \
+                + [[cast(t, level) for level, t in enumerate(per_level)] for per_level in tensors[4:]]
+            ids, row_offsets = torch.arange(ids.numel(), device=ids.device), starts
+        return _head_levels(list(features), *tensors, ids, counts, row_offsets, num_groups=self.num_groups,
+                            eps=self.eps)
 
     def forward(self, features: Sequence[torch.Tensor], head_ids: torch.Tensor) -> torch.Tensor:
         """Logits of the heads `head_ids` on `features` (one map per level): [h, B] or [h, B, s, s].
 
-        A HeadSample (from `sample` / `as_sample`) runs with no host sync; any other id tensor is checked and
-        grouped by level on the host (one device->host copy when it lives on a GPU).
+        All levels run in one `head_levels` call (one launch per kernel type per layer depth). A HeadSample
+        (from `sample` / `as_sample`) runs with no host sync; any other id tensor is checked and grouped by
+        level on the host (one device->host copy when it lives on a GPU).
         """
         batch, dtype, device = self._check_features(features)
         counts = self._fast_counts(head_ids)
         ids = self._check_ids_tensor(head_ids, device)
         P = self.heads_per_level
+        offsets = [level * P for level in range(len(self.levels))]
         if counts is not None:
             ids = ids.as_subclass(torch.Tensor)
             if ids.device.type == "cpu":  # checking costs nothing here: do it
                 self._check_ranges(ids, counts)
-            plan = []
-            start = 0
-            for level, count in enumerate(counts):
-                if count:
-                    plan.append((level, ids[start:start + count] - level * P))
-                start += count
             inverse = None
         else:
             host = ids.cpu()
@@ -425,20 +430,14 @@ class HeadPool(nn.Module):
                 raise IndexError(f"HeadPool: head ids {bad} are out of range [0, {self.num_heads})")
             level_of = torch.div(host, P, rounding_mode="floor")
             order = torch.argsort(level_of, stable=True)
-            per_level = torch.bincount(level_of, minlength=len(self.levels)).tolist()
-            sorted_rows = (host - level_of * P)[order].to(device, non_blocking=True)
-            plan, start = [], 0
-            for level, count in enumerate(per_level):
-                if count:
-                    plan.append((level, sorted_rows[start:start + count]))
-                start += count
+            counts = torch.bincount(level_of, minlength=len(self.levels)).tolist()
             identity = torch.equal(order, torch.arange(order.numel()))
+            ids = ids if identity else host[order].to(device, non_blocking=True)
             inverse = None if identity else torch.empty_like(order).scatter_(
                 0, order, torch.arange(order.numel())).to(device, non_blocking=True)
-        if not plan:
+        if not sum(counts):
             return torch.zeros(self.output_shape(0, batch), dtype=dtype, device=device)
-        outputs = [self._run_level(level, features[level], rows) for level, rows in plan]
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        out = self._run_levels(features, ids, list(counts), offsets)
         return out if inverse is None else out.index_select(0, inverse)
 
     def _check_ranges(self, ids: torch.Tensor, counts) -> None:

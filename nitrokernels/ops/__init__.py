@@ -8,4 +8,4 @@ from nitrokernels.ops.group_norm import group_norm_silu  # noqa: F401
 from nitrokernels.ops.attention import attention, attention_fallbacks, reset_attention_fallbacks  # noqa: F401
 from nitrokernels.ops.geglu import geglu  # noqa: F401
 from nitrokernels.ops.layer_norm import layer_norm  # noqa: F401
-from nitrokernels.ops.heads import head_stack  # noqa: F401,E402
+from nitrokernels.ops.heads import head_levels, head_stack  # noqa: F401,E402

@@ -1,18 +1,32 @@
-"""`head_stack`: every sampled discriminator head of ONE feature level, forward and backward, in a few launches.
+"""`head_levels` / `head_stack`: every sampled discriminator head of one or several feature levels, forward and
+backward, one launch per kernel type per layer depth whatever the number of levels.
 
+    out = nitrokernels.ops.head_levels(features, conv_weights, conv_biases, norm_weights, norm_biases,
+                                       final_weights, final_biases, ids, counts, row_offsets=None,
+                                       num_groups=32, eps=1e-5)
     out = nitrokernels.ops.head_stack(feature, conv_weights, conv_biases, norm_weights, norm_biases,
                                       final_weight, final_bias, ids, num_groups=32, eps=1e-5)
 
-feature [B, C, S, S] (any memory layout) is shared by all sampled heads. Layer d of head ids[i] is
-Conv4x4/s2/p1 (conv_weights[d][ids[i]] [O_d, I_d, 4, 4], conv_biases[d][ids[i]]) -> GroupNorm(num_groups)
-with per-head affine (norm_weights[d][ids[i]], norm_biases[d][ids[i]]) -> SiLU; then the final conv
-final_weight[ids[i]] [1, O, k, k] + final_bias[ids[i]] [1]: k > 1 is a valid conv on the k x k map (global
-head; the map after the convs must be exactly k x k) -> out [h, B]; k == 1 is a 1x1 conv (local head) ->
-out [h, B, S', S'] with S' = S // 2**len(conv_weights). Each stride-2 conv maps S to S // 2 (torch's rule).
-The definition is `reference.head_stack_loop_reference`.
+head_levels takes one entry per level: features[l] [B, C_l, S_l, S_l] and level l's pooled parameters
+(conv_weights[l][d] ..., final_weights[l], final_biases[l]); level l's sampled heads are the pool rows
+ids[o_l : o_l + counts[l]] - row_offsets[l] (o_l = sum(counts[:l]); counts are host ints, so nothing is
+read back from the device; row_offsets default to 0 and let a caller such as HeadPool pass global head ids
+as they are). Levels may differ in channels, size and depth, and may have no sampled head; at every depth
+the levels deep enough share one width, and all final layers have one shape (the map after the convs and
+the final conv). out: [sum(counts), B] (global) or [sum(counts), B, S', S'] (local), rows in `ids` order.
+head_stack is the one-level case (ids are rows of its pool); it runs the same op and kernels.
 
-Gradients: `feature` gets a dense gradient summed over heads (in the feature's memory layout); every pooled
-parameter [P, ...] that requires grad gets a SPARSE COO gradient [P, ...] with indices = ids (call order,
+One level: feature [B, C, S, S] (any memory layout) is shared by all its sampled heads. Layer d of head
+ids[i] is Conv4x4/s2/p1 (conv_weights[d][ids[i]] [O_d, I_d, 4, 4], conv_biases[d][ids[i]]) ->
+GroupNorm(num_groups) with per-head affine (norm_weights[d][ids[i]], norm_biases[d][ids[i]]) -> SiLU; then
+the final conv final_weight[ids[i]] [1, O, k, k] + final_bias[ids[i]] [1]: k > 1 is a valid conv on the
+k x k map (global head; the map after the convs must be exactly k x k) -> out [h, B]; k == 1 is a 1x1 conv
+(local head) -> out [h, B, S', S'] with S' = S // 2**len(conv_weights). Each stride-2 conv maps S to S // 2
+(torch's rule). The definition is `reference.head_stack_loop_reference`, level by level.
+
+Gradients: every feature gets a dense gradient summed over its level's heads (in the feature's memory layout;
+none for a level without sampled heads); every pooled
+parameter [P, ...] that requires grad gets a SPARSE COO gradient [P, ...] with indices = the rows (call order,
 uncoalesced: a repeated id appears twice and sums on coalesce) and values = the per-sampled-head gradients
 (parameter dtype), so unsampled heads get no entries and no dense [P, ...] zero tensor is ever made; across
 backward calls autograd accumulates them into param.grad (still sparse, uncoalesced). Inputs that do not
@@ -20,25 +34,29 @@ require grad are skipped (no feature gradient GEMM when the feature is detached)
 by the same rule as forward, at backward time: both backends save the same tensors, so they can mix.
 
 Kept for backward: every layer's pre-norm conv output Y_d [h, B, S_d, S_d, O_d] (channels-last per head,
-input dtype) and its GroupNorm (mean, rstd) [h, B, G, 2] fp32 -- about a third of what the autograd loop
-keeps (conv input, GroupNorm input and output per layer). Normalised + SiLU activations are recomputed where
+input dtype) and its GroupNorm (mean, rstd) [H_d, B, G, 2] and folded affine [H_d, B, 2, O_d] (fp32, all
+levels of a depth stacked) -- about a third of what the autograd loop keeps (conv input, GroupNorm input
+and output per layer). Normalised + SiLU activations are recomputed where
 they are read (next layer's loads, weight gradients), as are SiLU' and x-hat in the backward epilogues.
 NITROKERNELS_HEADS_WEIGHTS=gathered makes the Triton convs read a per-call [h, 4, 4, I, O] copy of the sampled
 weights instead of gathering from the pool inside the kernel (see kernels/heads.py: weight_source).
 
-Backends (see ops.dispatch): "triton" (kernels/heads.py: grouped implicit-GEMM kernels, weights gathered by
-id inside the kernels, GroupNorm statistics in the conv epilogues, normalise+SiLU fused into the next
-layer's loads; no host syncs, so a fixed head count is CUDA-graph capturable) and "eager" (the batched
-eager form: one conv with concatenated gathered weights, grouped convs, GroupNorm over h*num_groups groups).
+Backends (see ops.dispatch; the dispatch name is "head_stack" for both ops): "triton" (kernels/heads.py:
+grouped implicit-GEMM kernels over all levels at once, weights gathered by id inside the kernels, GroupNorm
+statistics in the conv epilogues, normalise+SiLU fused into the next layer's loads; no host syncs, so a
+fixed head count is CUDA-graph capturable) and "eager" (per level, the batched eager form: one conv with
+concatenated gathered weights, grouped convs, GroupNorm over h*num_groups groups).
 
 Why torch.library ops with register_autograd (not an autograd.Function): register_autograd accepts a sparse
 COO gradient for a dense input and autograd accumulates it into param.grad across backward calls (checked
 in tests/test_heads_ops.py), and the ops are opaque to torch.compile (fullgraph, no graph break).
 
 ids out of range: on the CPU a clear IndexError before any kernel runs. On a GPU checking would need a
-host sync, so instead `torch._assert_async` raises a device-side assert (no sync, graph-capturable) and the
-kernels clamp the id for memory safety and write NaN for that head. Set NITROKERNELS_CHECK_IDS=1 to get the
-same IndexError on a GPU at the price of a sync.
+host sync, so instead one `torch._assert_async` over all levels raises a device-side assert (no sync,
+graph-capturable; its per-level bounds are cached on the device per (counts, offsets, pool sizes), so the
+first call of a new head count must run before a graph capture, as warm-up does) and the kernels clamp the
+id for memory safety and write NaN for that head. Set NITROKERNELS_CHECK_IDS=1 to get the same IndexError
+on a GPU at the price of a sync.
 """
 from __future__ import annotations
 
@@ -51,7 +69,7 @@ from torch import Tensor
 from nitrokernels.ops import reference
 from nitrokernels.ops.dispatch import dispatched_op
 
-__all__ = ["head_stack", "HEAD_STACK"]
+__all__ = ["head_levels", "head_stack", "HEAD_STACK"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -66,22 +84,22 @@ def _describe(t: Tensor) -> str:
 
 
 def _validate(feature, conv_weights, conv_biases, norm_weights, norm_biases, final_weight, final_bias, ids,
-              num_groups, eps) -> dict:
+              num_groups, eps, where="head_stack") -> dict:
     """Check shapes, dtypes and devices (no data is read). Returns the derived sizes."""
     def fail(msg):
-        raise ValueError(f"head_stack: {msg}")
+        raise ValueError(f"{where}: {msg}")
 
     if not isinstance(feature, Tensor) or feature.dim() != 4:
         fail(f"feature must be a 4-D tensor [B, C, S, S], got {_describe(feature) if isinstance(feature, Tensor) else type(feature)}")
     if feature.dtype not in _DTYPES:
-        raise TypeError(f"head_stack: feature dtype {feature.dtype} is not supported (float16, bfloat16, float32, float64)")
+        raise TypeError(f"{where}: feature dtype {feature.dtype} is not supported (float16, bfloat16, float32, float64)")
     batch, channels, size, width = feature.shape
     if size != width:
         fail(f"feature must be square [B, C, S, S], got {tuple(feature.shape)}")
     if not isinstance(ids, Tensor) or ids.dim() != 1:
         fail(f"ids must be a 1-D tensor of pool indices, got {_describe(ids) if isinstance(ids, Tensor) else type(ids)}")
     if ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"head_stack: ids must be an int64 (or int32) tensor, got {ids.dtype}")
+        raise TypeError(f"{where}: ids must be an int64 (or int32) tensor, got {ids.dtype}")
     if ids.device != feature.device:
         fail(f"ids are on {ids.device} but the feature is on {feature.device}; keep the ids on the feature's device")
     lists = {"conv_weights": conv_weights, "conv_biases": conv_biases, "norm_weights": norm_weights,
@@ -104,7 +122,7 @@ def _validate(feature, conv_weights, conv_biases, norm_weights, norm_biases, fin
         if not isinstance(t, Tensor):
             fail(f"{name} must be a tensor, got {type(t)}")
         if t.dtype != feature.dtype:
-            raise TypeError(f"head_stack: {name} is {t.dtype} but the feature is {feature.dtype}; "
+            raise TypeError(f"{where}: {name} is {t.dtype} but the feature is {feature.dtype}; "
                             "all parameters must have the feature's dtype")
         if t.device != feature.device:
             fail(f"{name} is on {t.device} but the feature is on {feature.device}")
@@ -142,19 +160,82 @@ def _validate(feature, conv_weights, conv_biases, norm_weights, norm_biases, fin
             "channels": [w.shape[1] for w in conv_weights]}
 
 
-def _check_ids_range(ids: Tensor, pool: int) -> None:
+def _validate_levels(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights, final_biases,
+                     ids, counts, row_offsets, num_groups, eps, where="head_levels") -> list[dict]:
+    """Every level checked like one head_stack call, plus what one launch per depth needs: a common batch,
+    dtype and device, and at every depth one output-channel count and one final map / final conv shape."""
+    def fail(msg):
+        raise ValueError(f"{where}: {msg}")
+
+    n = len(features)
+    if n < 1:
+        fail("features is empty")
+    for name, seq in (("conv_weights", conv_weights), ("conv_biases", conv_biases), ("norm_weights", norm_weights),
+                      ("norm_biases", norm_biases), ("final_weights", final_weights), ("final_biases", final_biases),
+                      ("counts", counts), ("row_offsets", row_offsets)):
+        if len(seq) != n:
+            fail(f"{name} has {len(seq)} entries for {n} levels")
+    if not isinstance(ids, Tensor) or ids.dim() != 1:
+        fail(f"ids must be a 1-D tensor of pool indices, got {_describe(ids) if isinstance(ids, Tensor) else type(ids)}")
+    if any(int(c) < 0 for c in counts) or sum(int(c) for c in counts) != ids.shape[0]:
+        fail(f"counts {list(counts)} must be >= 0 and sum to the {ids.shape[0]} ids")
+    infos, start = [], 0
+    for l in range(n):
+        level = where if n == 1 else f"{where}: level {l}"
+        ids_l = ids[start:start + int(counts[l])]
+        start += int(counts[l])
+        infos.append(_validate(features[l], conv_weights[l], conv_biases[l], norm_weights[l], norm_biases[l],
+                               final_weights[l], final_biases[l], ids_l, num_groups, eps, where=level))
+    first = features[0]
+    for l, (f, info) in enumerate(zip(features, infos)):
+        if f.dtype != first.dtype or f.device != first.device or info["batch"] != infos[0]["batch"]:
+            fail(f"features[{l}] is {_describe(f)} but features[0] is {_describe(first)}: one batch, dtype and device")
+        for d, c in enumerate(info["channels"]):
+            ref = next(i for i in infos if len(i["channels"]) > d)["channels"][d]
+            if c != ref:
+                fail(f"layer {d} of level {l} has {c} output channels, another level {ref}: the levels' layers "
+                     "at one depth run in one launch and must have the same width")
+        if (info["k"], info["sizes"][-1], final_weights[l].shape[2]) != \
+                (infos[0]["k"], infos[0]["sizes"][-1], final_weights[0].shape[2]):
+            fail(f"level {l}'s final conv {tuple(final_weights[l].shape[1:])} on a {info['sizes'][-1]}x"
+                 f"{info['sizes'][-1]} map differs from level 0's: all levels' final layers run in one launch")
+    return infos
+
+
+_BOUNDS: dict = {}
+
+
+def _check_ids_range(ids: Tensor, counts, row_offsets, pools, where="head_stack") -> None:
+    """Level l's ids must lie in [row_offsets[l], row_offsets[l] + pools[l]). CPU (or NITROKERNELS_CHECK_IDS=1):
+    an IndexError. GPU: one device-side assert over all levels (no sync); its bounds depend only on the
+    counts, so they are cached on the device (the first call of a shape must come before a graph capture)."""
     if ids.numel() == 0:
         return
     if ids.device.type == "cpu" or os.environ.get("NITROKERNELS_CHECK_IDS", "0") not in ("", "0"):
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= pool:
-            raise IndexError(f"head_stack: ids must lie in [0, {pool}) (the pool size), got min {lo}, max {hi}")
-    else:
-        torch._assert_async(((ids >= 0) & (ids < pool)).all(), f"head_stack: ids out of range [0, {pool})")
+        start = 0
+        for l, (c, r, p) in enumerate(zip(counts, row_offsets, pools)):
+            part = ids[start:start + c]
+            start += c
+            if not part.numel():
+                continue
+            lo, hi = int(part.min()) - r, int(part.max()) - r
+            if lo < 0 or hi >= p:
+                level = "" if len(counts) == 1 else f" (level {l}, minus its row offset {r})"
+                raise IndexError(f"{where}: ids{level} must lie in [0, {p}) (the pool size), got min {lo}, max {hi}")
+        return
+    key = (tuple(counts), tuple(row_offsets), tuple(pools), ids.device)
+    if key not in _BOUNDS:
+        reps = torch.tensor(counts)
+        lo = torch.repeat_interleave(torch.tensor(row_offsets, dtype=torch.long), reps)
+        hi = lo + torch.repeat_interleave(torch.tensor(pools, dtype=torch.long), reps)
+        _BOUNDS[key] = (lo.to(ids.device), hi.to(ids.device))
+    lo, hi = _BOUNDS[key]
+    torch._assert_async(((ids >= lo) & (ids < hi)).all(), f"{where}: ids out of range of their level's pool")
 
 
-def _triton_reasons(feature, conv_weights, *args, **kwargs) -> list[str]:
-    if feature.dtype == torch.float64:
+def _triton_reasons(features, *args, **kwargs) -> list[str]:
+    first = features if isinstance(features, Tensor) else features[0]
+    if first.dtype == torch.float64:
         return ["float64 is not supported by the Triton kernels (use fp32/fp16/bf16; eager runs float64)"]
     return []
 
@@ -247,20 +328,103 @@ def _eager_backward(grad_out, feature, conv_weights, conv_biases, norm_weights, 
     return g_feature, g_w, g_b, g_gamma, g_beta, g_wf, g_bf
 
 
-def _triton_forward(*args):
+def _level_ids(ids: Tensor, counts, row_offsets, l: int) -> Tensor:
+    """Pool rows of level l's heads: ids[o_l : o_l + counts[l]] - row_offsets[l] (int64)."""
+    start = sum(counts[:l])
+    return ids[start:start + counts[l]].long() - row_offsets[l]
+
+
+def _affine(stats: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """GroupNorm folded per (head, sample, channel): a = silu(y * scale + shift); [h, B, 2, O] fp32."""
+    h, batch, groups, _ = stats.shape
+    cpg = gamma.shape[1] // groups
+    scale = stats[..., 1:2] * gamma.view(h, 1, groups, cpg)
+    shift = beta.view(h, 1, groups, cpg) - stats[..., 0:1] * scale
+    return torch.stack((scale.reshape(h, batch, -1), shift.reshape(h, batch, -1)), 2)
+
+
+def _eager_levels_forward(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights,
+                          final_biases, ids, counts, row_offsets, num_groups, eps):
+    """The batched eager form per level, assembled into the layout of kernels.heads.levels_forward."""
+    from nitrokernels.kernels.heads import level_order
+    order, _ = level_order(counts, [len(w) for w in conv_weights])
+    outs, ys, per_level = {}, [], {}
+    for l, feature in enumerate(features):
+        if counts[l] == 0:
+            ys.append([feature.new_empty((0, feature.shape[0], *y.shape[2:])) for y in _fake_ys(feature, conv_weights[l])])
+            continue
+        rows = _level_ids(ids, counts, row_offsets, l)
+        outs[l], ys_l, stats_l = _eager_forward(feature, conv_weights[l], conv_biases[l], norm_weights[l],
+                                                norm_biases[l], final_weights[l], final_biases[l], rows,
+                                                num_groups, eps)
+        ys.append(ys_l)
+        rows_c = rows.clamp(0, conv_weights[l][0].shape[0] - 1)
+        per_level[l] = [(st, _affine(st, norm_weights[l][d].index_select(0, rows_c).float(),
+                                     norm_biases[l][d].index_select(0, rows_c).float()))
+                        for d, st in enumerate(stats_l)]
+    dmax = max((len(conv_weights[l]) for l in order), default=0)
+    stats = [torch.cat([per_level[l][d][0] for l in order if len(per_level[l]) > d]) for d in range(dmax)]
+    affine = [torch.cat([per_level[l][d][1] for l in order if len(per_level[l]) > d]) for d in range(dmax)]
+    out = torch.cat([outs[l] for l in range(len(features)) if l in outs])
+    return out, ys, stats, affine
+
+
+def _fake_ys(feature, conv_weights):
+    s = feature.shape[2]
+    out = []
+    for w in conv_weights:
+        s //= 2
+        out.append(feature.new_empty((0, 1, s, s, w.shape[1])))
+    return out
+
+
+def _eager_levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights,
+                           final_biases, ids, counts, row_offsets, ys, stats, affine, num_groups, eps,
+                           need_feature_grads, need_param_grads):
+    """Per level with torch's backward kernels, assembled like kernels.heads.levels_backward's results."""
+    from nitrokernels.kernels.heads import level_order
+    order, first = level_order(counts, [len(w) for w in conv_weights])
+    nlev = len(features)
+    g_features = [None] * nlev
+    g_w = [[None] * len(conv_weights[l]) for l in range(nlev)]
+    per_level, g_wf, g_bf = {}, [], []
+    for l in range(nlev):
+        if counts[l] == 0:
+            continue
+        start, h = sum(counts[:l]), counts[l]
+        stats_l = [st[first[l]:first[l] + h] for st in stats[:len(conv_weights[l])]]
+        gx, gw, gb, gg, gbe, gwf, gbf = _eager_backward(
+            grad_out[start:start + h], features[l], conv_weights[l], conv_biases[l], norm_weights[l], norm_biases[l],
+            final_weights[l], final_biases[l], _level_ids(ids, counts, row_offsets, l), ys[l], stats_l, num_groups,
+            eps, need_feature_grad=need_feature_grads[l], need_param_grads=need_param_grads)
+        g_features[l] = gx if need_feature_grads[l] else None
+        if need_param_grads:
+            g_w[l] = gw
+            per_level[l] = (gb, gg, gbe)
+            g_wf.append(gwf)
+            g_bf.append(gbf)
+    dmax = len(stats)
+    if not need_param_grads:
+        return g_features, g_w, [None] * dmax, [None] * dmax, [None] * dmax, None, None
+    stacked = [[torch.cat([per_level[l][i][d] for l in order if len(conv_weights[l]) > d]) for d in range(dmax)]
+               for i in range(3)]
+    return g_features, g_w, *stacked, torch.cat(g_wf), torch.cat(g_bf)
+
+
+def _triton_levels_forward(*args):
     from nitrokernels.kernels import heads as kernels   # lazy: TRITON_INTERPRET is read at import
-    return kernels.head_stack_forward(*args)
+    return kernels.levels_forward(*args)
 
 
-def _triton_backward(*args, **kwargs):
+def _triton_levels_backward(*args):
     from nitrokernels.kernels import heads as kernels
-    return kernels.head_stack_backward(*args, **kwargs)
+    return kernels.levels_backward(*args)
 
 
-_eager_forward.backward = _eager_backward
-_triton_forward.backward = _triton_backward
-HEAD_STACK.register("eager")(_eager_forward)
-HEAD_STACK.register("triton", check=_triton_reasons)(_triton_forward)
+_eager_levels_forward.backward = _eager_levels_backward
+_triton_levels_forward.backward = _triton_levels_backward
+HEAD_STACK.register("eager")(_eager_levels_forward)
+HEAD_STACK.register("triton", check=_triton_reasons)(_triton_levels_forward)
 
 
 @HEAD_STACK.set_example
@@ -272,140 +436,222 @@ def _example(device: torch.device):
         return torch.randn(*shape, device=device, dtype=dtype)
     conv_w = [r(pool, hidden, 320, 4, 4), r(pool, hidden, hidden, 4, 4), r(pool, hidden, hidden, 4, 4)]
     vecs = [[r(pool, hidden) for _ in range(3)] for _ in range(4)]
-    args = (r(2, 320, 32, 32), conv_w, vecs[0], vecs[1], vecs[2], r(pool, 1, hidden, 4, 4), r(pool, 1),
-            torch.arange(4, device=device))
-    return args, {"num_groups": 32}
+    args = ([r(2, 320, 32, 32)], [conv_w], [vecs[0]], [vecs[1]], [vecs[2]], [r(pool, 1, hidden, 4, 4)],
+            [r(pool, 1)], torch.arange(4, device=device), [4], [0])
+    return args, {"num_groups": 32, "eps": 1e-5}
 
 
 # ====================================================================================== custom ops
+# torch.library schemas have no nested lists: per-level parameter lists travel flattened (level-major),
+# cut back by `depths`.
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
-@torch.library.custom_op("nitrokernels::head_stack_fwd", mutates_args=())
-def head_stack_fwd(feature: Tensor, conv_weights: list[Tensor], conv_biases: list[Tensor],
-                   norm_weights: list[Tensor], norm_biases: list[Tensor], final_weight: Tensor, final_bias: Tensor,
-                   ids: Tensor, num_groups: int, eps: float) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Returns (logits, saved pre-norm outputs [h, B, S_d, S_d, O_d], saved (mean, rstd) [h, B, G, 2] fp32)."""
-    args = (feature, conv_weights, conv_biases, norm_weights, norm_biases, final_weight, final_bias, ids,
-            num_groups, eps)
-    info = _validate(*args)
-    _check_ids_range(ids, info["pool"])
-    if info["h"] == 0:
-        return _fake_forward(*args)
-    return HEAD_STACK(*args)
+def _nest(flat: Sequence[Tensor], depths) -> list[list[Tensor]]:
+    out, i = [], 0
+    for d in depths:
+        out.append(list(flat[i:i + d]))
+        i += d
+    return out
 
 
-def _fake_forward(feature, conv_weights, conv_biases, norm_weights, norm_biases, final_weight, final_bias, ids,
-                  num_groups, eps):
-    info = _validate(feature, conv_weights, conv_biases, norm_weights, norm_biases, final_weight, final_bias, ids,
-                     num_groups, eps)
-    h, batch, k = info["h"], info["batch"], info["k"]
-    s_last = info["sizes"][-1]
-    out_shape = (h, batch) if k != 1 else (h, batch, s_last, s_last)
-    out = feature.new_empty(out_shape)
-    ys = [feature.new_empty((h, batch, s, s, c)) for s, c in zip(info["sizes"], info["channels"])]
-    stats = [feature.new_empty((h, batch, num_groups, 2), dtype=torch.float32) for _ in info["sizes"]]
-    return out, ys, stats
+def _unflatten(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights, final_biases, ids,
+               counts, row_offsets, depths):
+    return (list(features), *(_nest(t, depths) for t in (conv_weights, conv_biases, norm_weights, norm_biases)),
+            list(final_weights), list(final_biases), ids, list(counts), list(row_offsets))
 
 
-head_stack_fwd.register_fake(_fake_forward)
+@torch.library.custom_op("nitrokernels::head_levels_fwd", mutates_args=())
+def head_levels_fwd(features: list[Tensor], conv_weights: list[Tensor], conv_biases: list[Tensor],
+                    norm_weights: list[Tensor], norm_biases: list[Tensor], final_weights: list[Tensor],
+                    final_biases: list[Tensor], ids: Tensor, counts: list[int], row_offsets: list[int],
+                    depths: list[int], num_groups: int, eps: float
+                    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """Returns (logits, saved pre-norm outputs ys (level-major, [h_l, B, S_d, S_d, O_d]), saved (mean, rstd)
+    [H_d, B, G, 2] and (scale, shift) [H_d, B, 2, O_d] per depth, fp32, levels deepest first)."""
+    args = _unflatten(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights, final_biases,
+                      ids, counts, row_offsets, depths)
+    infos = _validate_levels(*args, num_groups, eps, where=_where(features))
+    _check_ids_range(ids, args[8], args[9], [i["pool"] for i in infos], where=_where(features))
+    if sum(counts) == 0:
+        return _fake_forward(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights,
+                             final_biases, ids, counts, row_offsets, depths, num_groups, eps)
+    out, ys, stats, affine = HEAD_STACK(*args, num_groups, eps)
+    return out, [y for ys_l in ys for y in ys_l], stats, affine
 
 
-@torch.library.custom_op("nitrokernels::head_stack_bwd", mutates_args=())
-def head_stack_bwd(grad_out: Tensor, feature: Tensor, conv_weights: list[Tensor], conv_biases: list[Tensor],
-                   norm_weights: list[Tensor], norm_biases: list[Tensor], final_weight: Tensor, final_bias: Tensor,
-                   ids: Tensor, ys: list[Tensor], stats: list[Tensor], num_groups: int, eps: float,
-                   need_feature_grad: bool, need_param_grads: bool
-                   ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor], Tensor, Tensor]:
-    """Dense per-sampled-head gradients: (d_feature, dW_d [h,O,I,4,4], db_d, dgamma_d, dbeta_d [h,O],
-    dW_final [h,1,I,k,k], db_final [h,1]); tensors not asked for come back with 0 elements."""
-    fwd_args = (feature, conv_weights, conv_biases, norm_weights, norm_biases, final_weight, final_bias, ids,
-                num_groups, eps)
-    if ids.numel() == 0:
-        return _fake_backward(grad_out, *fwd_args[:8], ys, stats, num_groups, eps, need_feature_grad,
-                              need_param_grads, zero=True)
-    impl = HEAD_STACK.select(*fwd_args)
-    gx, gw, gb, gg, gbe, gwf, gbf = impl.fn.backward(grad_out, *fwd_args[:8], ys, stats, num_groups, eps,
-                                                     need_feature_grad=need_feature_grad,
-                                                     need_param_grads=need_param_grads)
-    if gx is None:
-        gx = _empty(feature)
+def _where(features) -> str:
+    return "head_stack" if len(features) == 1 else "head_levels"
+
+
+def _fake_forward(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights, final_biases, ids,
+                  counts, row_offsets, depths, num_groups, eps):
+    args = _unflatten(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights, final_biases,
+                      ids, counts, row_offsets, depths)
+    infos = _validate_levels(*args, num_groups, eps, where=_where(features))
+    batch, k, s_last = infos[0]["batch"], infos[0]["k"], infos[0]["sizes"][-1]
+    total = ids.shape[0]
+    out = features[0].new_empty((total, batch) if k != 1 else (total, batch, s_last, s_last))
+    ys = [features[0].new_empty((c, batch, s, s, o)) for c, info in zip(counts, infos)
+          for s, o in zip(info["sizes"], info["channels"])]
+    with_heads = [(c, info) for c, info in zip(counts, infos) if c > 0]
+    dmax = max((len(info["sizes"]) for _, info in with_heads), default=0)
+    heads = [sum(c for c, info in with_heads if len(info["sizes"]) > d) for d in range(dmax)]
+    width = [next(info["channels"][d] for _, info in with_heads if len(info["sizes"]) > d) for d in range(dmax)]
+    stats = [features[0].new_empty((h, batch, num_groups, 2), dtype=torch.float32) for h in heads]
+    affine = [features[0].new_empty((h, batch, 2, w), dtype=torch.float32) for h, w in zip(heads, width)]
+    return out, ys, stats, affine
+
+
+head_levels_fwd.register_fake(_fake_forward)
+
+
+@torch.library.custom_op("nitrokernels::head_levels_bwd", mutates_args=())
+def head_levels_bwd(grad_out: Tensor, features: list[Tensor], conv_weights: list[Tensor], conv_biases: list[Tensor],
+                    norm_weights: list[Tensor], norm_biases: list[Tensor], final_weights: list[Tensor],
+                    final_biases: list[Tensor], ids: Tensor, counts: list[int], row_offsets: list[int],
+                    depths: list[int], ys: list[Tensor], stats: list[Tensor], affine: list[Tensor], num_groups: int,
+                    eps: float, need_feature_grads: list[bool], need_param_grads: bool
+                    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], Tensor, Tensor]:
+    """Dense per-sampled-head gradients: (d_features per level, dW (level-major) [h_l, O, I, 4, 4], db / dgamma /
+    dbeta per depth [H_d, O] (levels deepest first), dW_final [H, 1, I, k, k], db_final [H, 1] (caller order));
+    tensors not asked for (or of levels without heads) come back with 0 elements."""
+    args = _unflatten(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights, final_biases,
+                      ids, counts, row_offsets, depths)
+    if sum(counts) == 0:
+        return _fake_backward(grad_out, features, conv_weights, conv_biases, norm_weights, norm_biases,
+                              final_weights, final_biases, ids, counts, row_offsets, depths, ys, stats, affine,
+                              num_groups, eps, need_feature_grads, need_param_grads)
+    impl = HEAD_STACK.select(*args, num_groups, eps)
+    gx, gw, gb, gg, gbe, gwf, gbf = impl.fn.backward(grad_out, *args, _nest(ys, depths), stats, affine, num_groups,
+                                                     eps, list(need_feature_grads), need_param_grads)
+    gx = [g if g is not None else _empty(f) for g, f in zip(gx, features)]
     if not need_param_grads:
-        gw, gb, gg, gbe = ([_empty(feature) for _ in conv_weights] for _ in range(4))
-        gwf, gbf = _empty(feature), _empty(feature)
-    return gx, list(gw), list(gb), list(gg), list(gbe), gwf, gbf
+        gb, gg, gbe = ([_empty(features[0]) for _ in stats] for _ in range(3))    # distinct: no aliased outputs
+        return gx, [_empty(f) for f in conv_weights], gb, gg, gbe, _empty(features[0]), _empty(features[0])
+    flat_w = [w if w is not None else p.new_empty((0, *p.shape[1:]))        # levels without heads
+              for w, p in zip((w for ws in gw for w in ws), conv_weights)]
+    return gx, flat_w, list(gb), list(gg), list(gbe), gwf, gbf
 
 
-def _fake_backward(grad_out, feature, conv_weights, conv_biases, norm_weights, norm_biases, final_weight,
-                   final_bias, ids, ys, stats, num_groups, eps, need_feature_grad, need_param_grads, zero=False):
-    h = ids.shape[0]
-    new = feature.new_zeros if zero else feature.new_empty
-    gx = (torch.zeros_like if zero else torch.empty_like)(feature) if need_feature_grad else _empty(feature)
+def _fake_backward(grad_out, features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights,
+                   final_biases, ids, counts, row_offsets, depths, ys, stats, affine, num_groups, eps,
+                   need_feature_grads, need_param_grads):
+    ref = features[0]
+    gx = [torch.empty_like(f) if need and c > 0 else _empty(f)
+          for f, need, c in zip(features, need_feature_grads, counts)]
+    if not need_param_grads:
+        return (gx, [_empty(ref) for _ in conv_weights], [_empty(ref) for _ in stats], [_empty(ref) for _ in stats],
+                [_empty(ref) for _ in stats], _empty(ref), _empty(ref))
+    total = ids.shape[0]
+    flat_counts = [c for c, d in zip(counts, depths) for _ in range(d)]
+    gw = [ref.new_empty((c, *w.shape[1:])) for c, w in zip(flat_counts, conv_weights)]
+    per_depth = [ref.new_empty((st.shape[0], a.shape[-1])) for st, a in zip(stats, affine)]
+    k = final_weights[0].shape[-1]
+    return (gx, gw, per_depth, [torch.empty_like(t) for t in per_depth], [torch.empty_like(t) for t in per_depth],
+            ref.new_empty((total, 1, final_weights[0].shape[2], k, k)), ref.new_empty((total, 1)))
 
-    def per_head(t):
-        return new((h, *t.shape[1:])) if need_param_grads else _empty(feature)
-    return (gx, [per_head(t) for t in conv_weights], [per_head(t) for t in conv_biases],
-            [per_head(t) for t in norm_weights], [per_head(t) for t in norm_biases],
-            per_head(final_weight), per_head(final_bias))
 
-
-head_stack_bwd.register_fake(_fake_backward)
+head_levels_bwd.register_fake(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
-    feature, conv_weights, conv_biases, norm_weights, norm_biases, final_weight, final_bias, ids, num_groups, eps = inputs
-    _, ys, stats = output
-    ctx.mark_non_differentiable(*ys, *stats)
+    (features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights, final_biases, ids, counts,
+     row_offsets, depths, num_groups, eps) = inputs
+    _, ys, stats, affine = output
+    ctx.mark_non_differentiable(*ys, *stats, *affine)
     ctx.set_materialize_grads(False)
-    params = [*conv_weights, *conv_biases, *norm_weights, *norm_biases, final_weight, final_bias]
-    ctx.need_feature = feature.requires_grad
+    ctx.need_features = [f.requires_grad for f in features]
+    params = [*conv_weights, *conv_biases, *norm_weights, *norm_biases, *final_weights, *final_biases]
     ctx.need_params = [p.requires_grad for p in params]
-    ctx.depth = len(conv_weights)
+    ctx.sizes = (len(features), len(conv_weights), len(ys), len(stats))
+    ctx.counts, ctx.row_offsets, ctx.depths = list(counts), list(row_offsets), list(depths)
     ctx.num_groups, ctx.eps = num_groups, eps
-    ctx.save_for_backward(feature, final_weight, final_bias, ids, *conv_weights, *conv_biases, *norm_weights,
-                          *norm_biases, *ys, *stats)
+    ctx.save_for_backward(ids, *features, *params, *ys, *stats, *affine)
 
 
-def _sparse(values: Tensor, ids: Tensor, param: Tensor) -> Tensor:
-    """Per-sampled-head values -> a COO gradient of the pooled parameter (rows = ids, uncoalesced)."""
-    rows = ids.long().clamp(0, param.shape[0] - 1).unsqueeze(0)
-    return torch.sparse_coo_tensor(rows, values, param.shape, dtype=param.dtype, device=param.device,
+def _sparse(values: Tensor, rows: Tensor, param: Tensor) -> Tensor:
+    """Per-sampled-head values -> a COO gradient of the pooled parameter (rows = pool rows, uncoalesced)."""
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, param.shape, dtype=param.dtype, device=param.device,
                                    check_invariants=False)
 
 
-def _backward(ctx, grad_out, _grad_ys, _grad_stats):
-    depth = ctx.depth
-    saved = ctx.saved_tensors
-    feature, final_weight, final_bias, ids = saved[:4]
-    rest = saved[4:]
-    conv_w, conv_b, norm_w, norm_b = (list(rest[i * depth:(i + 1) * depth]) for i in range(4))
-    ys = list(rest[4 * depth:5 * depth])
-    stats = list(rest[5 * depth:6 * depth])
+def _backward(ctx, grad_out, _grad_ys, _grad_stats, _grad_affine):
+    from nitrokernels.kernels.heads import level_order
+    nlev, nconv, nys, nstats = ctx.sizes
+    saved = list(ctx.saved_tensors)
+    ids, features = saved[0], saved[1:1 + nlev]
+    i = 1 + nlev
+    conv_w, conv_b, norm_w, norm_b = (saved[i + j * nconv:i + (j + 1) * nconv] for j in range(4))
+    i += 4 * nconv
+    final_w, final_b = saved[i:i + nlev], saved[i + nlev:i + 2 * nlev]
+    i += 2 * nlev
+    ys, stats, affine = saved[i:i + nys], saved[i + nys:i + nys + nstats], saved[i + nys + nstats:]
     need_params = any(ctx.need_params)
-    none_lists = ([None] * depth, [None] * depth, [None] * depth, [None] * depth)
-    if grad_out is None or not (ctx.need_feature or need_params):
-        return (None, *none_lists, None, None, None, None, None)
-    gx, gw, gb, gg, gbe, gwf, gbf = torch.ops.nitrokernels.head_stack_bwd(
-        grad_out, feature, conv_w, conv_b, norm_w, norm_b, final_weight, final_bias, ids, ys, stats,
-        ctx.num_groups, ctx.eps, ctx.need_feature, need_params)
-    params = [*conv_w, *conv_b, *norm_w, *norm_b, final_weight, final_bias]
-    values = [*gw, *gb, *gg, *gbe, gwf, gbf]
-    sparse = [_sparse(v, ids, p) if need else None for v, p, need in zip(values, params, ctx.need_params)]
-    lists = [sparse[i * depth:(i + 1) * depth] for i in range(4)]
-    return (gx if ctx.need_feature else None, *lists, sparse[-2], sparse[-1], None, None, None)
+    lists = [[None] * nconv] * 4
+    tail = (None,) * 6                                  # ids, counts, row_offsets, depths, num_groups, eps
+    if grad_out is None or not (any(ctx.need_features) or need_params):
+        return ([None] * nlev, *lists, [None] * nlev, [None] * nlev, *tail)
+    counts, depths = ctx.counts, ctx.depths
+    gx, gw, gb, gg, gbe, gwf, gbf = torch.ops.nitrokernels.head_levels_bwd(
+        grad_out, features, conv_w, conv_b, norm_w, norm_b, final_w, final_b, ids, counts, ctx.row_offsets, depths,
+        ys, stats, affine, ctx.num_groups, ctx.eps, ctx.need_features, need_params)
+    g_features = [g if need and c > 0 else None for g, need, c in zip(gx, ctx.need_features, counts)]
+    if not need_params:
+        return (g_features, *lists, [None] * nlev, [None] * nlev, *tail)
+    # Per level: the sparse gradient rows and the slices of the stacked values (see head_levels_bwd).
+    _, first = level_order(counts, depths)
+    grads = {name: [] for name in ("w", "b", "g", "be", "wf", "bf")}
+    k, start = 0, 0
+    for l, (c, depth) in enumerate(zip(counts, depths)):
+        rows = (ids[start:start + c].long() - ctx.row_offsets[l]).clamp(0, final_w[l].shape[0] - 1)
+        h0 = first.get(l, 0)
+        for d in range(depth):
+            grads["w"].append(_sparse(gw[k + d], rows, conv_w[k + d]))
+            for key, stacked, params in (("b", gb, conv_b), ("g", gg, norm_w), ("be", gbe, norm_b)):
+                values = stacked[d][h0:h0 + c] if c else params[k + d].new_empty((0, *params[k + d].shape[1:]))
+                grads[key].append(_sparse(values, rows, params[k + d]))
+        grads["wf"].append(_sparse(gwf[start:start + c], rows, final_w[l]))
+        grads["bf"].append(_sparse(gbf[start:start + c], rows, final_b[l]))
+        k += depth
+        start += c
+    params = [*conv_w, *conv_b, *norm_w, *norm_b, *final_w, *final_b]
+    flat = [*grads["w"], *grads["b"], *grads["g"], *grads["be"], *grads["wf"], *grads["bf"]]
+    flat = [g if need else None for g, need in zip(flat, ctx.need_params)]
+    lists = [flat[j * nconv:(j + 1) * nconv] for j in range(4)]
+    i = 4 * nconv
+    return (g_features, *lists, flat[i:i + nlev], flat[i + nlev:], *tail)
 
 
-head_stack_fwd.register_autograd(_backward, setup_context=_setup_context)
+head_levels_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ========================================================================================= public
+def head_levels(features: Sequence[Tensor], conv_weights: Sequence[Sequence[Tensor]],
+                conv_biases: Sequence[Sequence[Tensor]], norm_weights: Sequence[Sequence[Tensor]],
+                norm_biases: Sequence[Sequence[Tensor]], final_weights: Sequence[Tensor],
+                final_biases: Sequence[Tensor], ids: Tensor, counts: Sequence[int],
+                row_offsets: Sequence[int] | None = None, num_groups: int = 32, eps: float = 1e-5) -> Tensor:
+    """Logits of the sampled heads of several feature levels in ONE op: [H, B] or [H, B, S', S'], rows in the
+    order of `ids`. Level l's heads are rows ids[o_l : o_l + counts[l]] - row_offsets[l] of its pooled
+    tensors (o_l = sum(counts[:l]); row_offsets default 0). See the module docstring."""
+    depths = [len(w) for w in conv_weights]
+    row_offsets = [0] * len(features) if row_offsets is None else [int(r) for r in row_offsets]
+    out, _, _, _ = torch.ops.nitrokernels.head_levels_fwd(
+        list(features), [t for ts in conv_weights for t in ts], [t for ts in conv_biases for t in ts],
+        [t for ts in norm_weights for t in ts], [t for ts in norm_biases for t in ts], list(final_weights),
+        list(final_biases), ids, [int(c) for c in counts], row_offsets, depths, int(num_groups), float(eps))
+    return out
+
+
 def head_stack(feature: Tensor, conv_weights: Sequence[Tensor], conv_biases: Sequence[Tensor],
                norm_weights: Sequence[Tensor], norm_biases: Sequence[Tensor], final_weight: Tensor,
                final_bias: Tensor, ids: Tensor, num_groups: int = 32, eps: float = 1e-5) -> Tensor:
     """Logits of the sampled heads `ids` of one feature level: [h, B] (global, k > 1) or [h, B, S', S']
-    (local, k = 1). See the module docstring for the exact semantics and gradients."""
-    out, _, _ = torch.ops.nitrokernels.head_stack_fwd(
-        feature, list(conv_weights), list(conv_biases), list(norm_weights), list(norm_biases), final_weight,
-        final_bias, ids, int(num_groups), float(eps))
-    return out
+    (local, k = 1). The one-level case of `head_levels`; see the module docstring."""
+    if not isinstance(ids, Tensor) or ids.dim() != 1:
+        raise ValueError(f"head_stack: ids must be a 1-D tensor of pool indices, got "
+                         f"{_describe(ids) if isinstance(ids, Tensor) else type(ids)}")
+    return head_levels([feature], [conv_weights], [conv_biases], [norm_weights], [norm_biases], [final_weight],
+                       [final_bias], ids, [ids.shape[0]], None, num_groups, eps)

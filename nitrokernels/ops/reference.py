@@ -51,6 +51,24 @@ def head_stack_loop_reference(feature, conv_weights, conv_biases, norm_weights, 
     return torch.stack(outs)
 
 
+def head_levels_loop_reference(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights,
+                               final_biases, ids, counts, row_offsets=None, num_groups=32, eps=1e-5):
+    """The definition of `ops.head_levels`: `head_stack_loop_reference` level by level, concatenated.
+
+    Level l's heads are rows ids[o_l : o_l + counts[l]] - row_offsets[l] of its parameters (o_l =
+    sum(counts[:l])); levels without sampled heads contribute nothing.
+    """
+    outs, start = [], 0
+    for l, count in enumerate(counts):
+        rows = ids[start:start + count] - (row_offsets[l] if row_offsets is not None else 0)
+        start += count
+        if count:
+            outs.append(head_stack_loop_reference(features[l], conv_weights[l], conv_biases[l], norm_weights[l],
+                                                  norm_biases[l], final_weights[l], final_biases[l], rows,
+                                                  num_groups, eps))
+    return torch.cat(outs) if outs else features[0].new_zeros((0, features[0].shape[0]))
+
+
 def head_stack_batched_eager(feature, conv_weights, conv_biases, norm_weights, norm_biases, final_weight,
                              final_bias, ids, num_groups=32, eps=1e-5, *, return_intermediates=False):
     """The same computation as `head_stack_loop_reference`, batched the way a careful eager user would.
