@@ -224,6 +224,21 @@ def test_int32_ids_and_backends_agree(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_autocast_does_not_reach_inside(backend):
+    """Under torch.autocast the op still computes in its inputs' dtype: same logits and gradients as without."""
+    args = leaves(make_pool(5, 6, 8, 16, 1, 4, 2))
+    ids = torch.tensor([3, 0, 3])
+    grad_out = torch.randn(3, 2)
+    plain_out, plain_grads = run_op(args, ids, 4, grad_out, backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = run_op(args, ids, 4, grad_out, backend)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
+    for g, r in zip(grads, plain_grads):
+        torch.testing.assert_close(dense(g), dense(r), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
 def test_gradient_subsets(backend):
     """Only the feature, or only the parameters, require grad: the other side gets None."""
     ids = torch.tensor([1, 2])

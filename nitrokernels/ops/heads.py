@@ -477,8 +477,15 @@ def head_levels_fwd(features: list[Tensor], conv_weights: list[Tensor], conv_bia
     if sum(counts) == 0:
         return _fake_forward(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights,
                              final_biases, ids, counts, row_offsets, depths, num_groups, eps)
-    out, ys, stats, affine = HEAD_STACK(*args, num_groups, eps)
+    with _inputs_dtype(features[0]):
+        out, ys, stats, affine = HEAD_STACK(*args, num_groups, eps)
     return out, [y for ys_l in ys for y in ys_l], stats, affine
+
+
+def _inputs_dtype(like: Tensor):
+    """The op computes in its inputs' dtype (the fake impl promises it): an enclosing torch.autocast must not
+    recast the eager backend's convs inside it (the Triton kernels ignore autocast anyway)."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 def _where(features) -> str:
@@ -524,8 +531,9 @@ def head_levels_bwd(grad_out: Tensor, features: list[Tensor], conv_weights: list
                               final_weights, final_biases, ids, counts, row_offsets, depths, ys, stats, affine,
                               num_groups, eps, need_feature_grads, need_param_grads)
     impl = HEAD_STACK.select(*args, num_groups, eps)
-    gx, gw, gb, gg, gbe, gwf, gbf = impl.fn.backward(grad_out, *args, _nest(ys, depths), stats, affine, num_groups,
-                                                     eps, list(need_feature_grads), need_param_grads)
+    with _inputs_dtype(features[0]):
+        gx, gw, gb, gg, gbe, gwf, gbf = impl.fn.backward(grad_out, *args, _nest(ys, depths), stats, affine,
+                                                         num_groups, eps, list(need_feature_grads), need_param_grads)
     gx = [g if g is not None else _empty(f) for g, f in zip(gx, features)]
     if not need_param_grads:
         gb, gg, gbe = ([_empty(features[0]) for _ in stats] for _ in range(3))    # distinct: no aliased outputs
