@@ -107,6 +107,34 @@ def test_same_seed_same_run_and_heads_init_from_seed():
     assert losses(c.train()) != losses(a.history)
 
 
+# ------------------------------------------------------------------------------------- mixed precision
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_tracks_the_fp32_run(precision):
+    """Autocast of the UNet forwards (CPU autocast here): the same run's losses stay near fp32's, the student
+    moves, and fp16's loss scaler is active."""
+    full = make(steps=3)
+    reference = torch.tensor(losses(full.train()))
+    d = make(steps=3, mixed_precision=precision)
+    assert d.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert d.scaler.is_enabled() == (precision == "fp16")
+    start = [p.detach().clone() for p in d.student.parameters()]
+    mixed = torch.tensor(losses(d.train()))
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed[0], reference[0], rtol=5e-2, atol=5e-2)  # same inputs, lower precision
+    assert any(not torch.equal(a, p) for a, p in zip(start, d.student.parameters()))
+    assert all(p.dtype == torch.float32 for p in d.student.parameters())  # fp32 master weights
+
+
+def test_fp16_scaler_state_resumes(tmp_path):
+    full = make(steps=4, mixed_precision="fp16")
+    reference = losses(full.train())
+    first = make(steps=2, mixed_precision="fp16", out_dir=str(tmp_path))
+    first.train()
+    resumed = make(steps=4, mixed_precision="fp16", out_dir=str(tmp_path), resume=True)
+    assert resumed.scaler.get_scale() == first.scaler.get_scale()
+    assert losses(resumed.train())[2:] == reference[2:]
+
+
 # ------------------------------------------------------------------------------------------ backends
 def curve_steps() -> int:
     """Iterations of the backend loss-curve test: 300 on a GPU; on the CPU the Triton interpreter takes ~5 s an

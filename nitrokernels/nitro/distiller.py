@@ -77,8 +77,8 @@ class DistillConfig:
     teacher_guidance (the teacher's multi-step sampler; guidance 1 = none), refresh_every (iterations between
     pool refreshes; the rate is the discriminator's refresh_rate).
     discriminator: kwargs of DynamicDiscriminator (when the distiller builds it; see its docstring).
-    Precision: mixed_precision "no" | "bf16" | "fp16" (autocast of every UNet forward; forced off on a CPU;
-    fp16 uses a GradScaler).
+    Precision: mixed_precision "no" | "bf16" | "fp16" (autocast of every UNet forward, on CUDA or the CPU;
+    fp16 uses a GradScaler, whose state is checkpointed).
     Bookkeeping: seed, device, out_dir (checkpoints, log.jsonl, sample grids; None = none), log_every,
     sample_every (sample-grid PNG every N iterations; 0 = only at the end), sample_count, checkpoint_every (0 =
     only at the end), resume (continue from out_dir/checkpoint.pt when present), progress (tqdm bar).
@@ -326,12 +326,13 @@ class NitroDistiller:
         self.student_t = int(self.student_scheduler.model_timesteps[0])
 
         mp = config.mixed_precision
-        if self.device.type != "cuda" and mp != "no":
-            log.info("NitroDistiller: mixed_precision=%s is turned off on %s (autocast runs only on CUDA here)",
+        if self.device.type not in ("cuda", "cpu") and mp != "no":
+            log.info("NitroDistiller: mixed_precision=%s is turned off on %s (autocast runs on CUDA and CPU here)",
                      mp, self.device)
             mp = "no"
         self.amp_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mp]
-        self.scaler = torch.amp.GradScaler("cuda", enabled=(mp == "fp16"))
+        # fp16 needs loss scaling (its range underflows small gradients); bf16 has fp32's range and does not
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(mp == "fp16"))
 
         self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=config.lr_student,
                                              betas=config.betas_student, weight_decay=config.weight_decay_student)
