@@ -37,8 +37,9 @@ What the paper fixes and what we chose (every choice is a constructor argument):
   * refresh: `refresh()` re-initialises about refresh_rate of every pool's heads (stochastic rounding, so the
     expected count is exact) and resets their optimiser rows.
   * heads: hidden width 256, GroupNorm(32), local_size 8 (SDXL); parameters in `head_dtype` (float32 by
-    default; features are cast to it). The head math runs through nitrokernels.ops.head_stack, whose
-    backend (fused Triton / eager reference) follows nitrokernels.use_backend, or `head_backend` here.
+    default; features are cast to it). The head math runs through nitrokernels.ops.head_levels (all sampled
+    heads of a pool, every level, in one op call; dispatch name "head_stack"), whose backend (fused Triton /
+    eager reference) follows nitrokernels.use_backend, or `head_backend` here.
 """
 from __future__ import annotations
 
