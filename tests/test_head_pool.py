@@ -123,12 +123,13 @@ def test_matches_loop_over_as_module_heads(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sampled_heads_match_loop_and_need_no_regrouping(backend):
+@pytest.mark.parametrize("count", [(2, 0, 3), 1], ids=["per-level", "uniform"])
+def test_sampled_heads_match_loop_and_need_no_regrouping(backend, count):
     pool = HeadPool(((3, 16), (5, 8), (5, 8)), heads_per_level=4, hidden=8, num_groups=2).to(DEVICE)
     features = make_features(pool, 2, channels_last=True)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    ids = pool.sample((2, 0, 3), generator=gen)
-    assert isinstance(ids, HeadSample) and ids.counts == (2, 0, 3)
+    ids = pool.sample(count, generator=gen)   # a uniform count gives a strided view of the ids
+    assert isinstance(ids, HeadSample) and ids.counts == ((2, 0, 3) if count != 1 else (1, 1, 1))
     with use_backend(backend, "head_stack"):
         check_against_loop(pool, features, ids, f"sample/{backend}")
 

@@ -224,6 +224,19 @@ def test_int32_ids_and_backends_agree(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_strided_ids(backend):
+    """ids may be any 1-D view (HeadPool.sample(1) gives a stride-2 one): same result as contiguous ids."""
+    args = make_pool(5, 5, 8, 16, 1, 4, 2)
+    strided = torch.tensor([[4, 0], [1, 0], [3, 0]])[:, 0]
+    assert not strided.is_contiguous()
+    with torch.no_grad(), use_backend(backend, "head_stack"):
+        a = head_stack(*args, strided, 4)
+        b = head_stack(*args, strided.contiguous(), 4)
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
 def test_autocast_does_not_reach_inside(backend):
     """Under torch.autocast the op still computes in its inputs' dtype: same logits and gradients as without."""
     args = leaves(make_pool(5, 6, 8, 16, 1, 4, 2))

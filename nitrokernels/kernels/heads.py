@@ -832,6 +832,7 @@ def levels_forward(features, conv_weights, conv_biases, norm_weights, norm_biase
     have one shape. Returns (logits [H, B] or [H, B, S, S] in the caller's order, ys[l][d] [h_l, B, S, S, O],
     stats[d] [H_d, B, G, 2], affine[d] [H_d, B, 2, O]; the last two fp32 in launch order, see module doc).
     """
+    ids = ids.contiguous()  # the kernels read ids[i] at ids_ptr + i (a HeadSample can be a strided view)
     plan = _Plan(features, conv_weights, ids, counts, row_offsets)
     batch = features[0].shape[0]
     dtype, device = features[0].dtype, features[0].device
@@ -902,6 +903,7 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
     [h_l, O, I, 4, 4], db[d] / dgamma[d] / dbeta[d] [H_d, O] (launch order), dW_final [H, 1, I, k, k] and
     db_final [H, 1] (caller order)); parameter gradients are None when not needed.
     """
+    ids = ids.contiguous()  # the kernels read ids[i] at ids_ptr + i (a HeadSample can be a strided view)
     plan = _Plan(features, conv_weights, ids, counts, row_offsets)
     batch = features[0].shape[0]
     dtype, device = features[0].dtype, features[0].device
