@@ -108,3 +108,31 @@ def run_backends(fn: Callable, backends: Sequence[str], *args, **kwargs):
         with use_backend(backend):
             results[backend] = fn(*args, **kwargs)
     return results
+
+
+def assert_graph_capturable(step: Callable[[], Sequence]) -> None:
+    """CUDA only: `step()` (returning tensors, None entries allowed, sparse ones compared densely) runs
+    without a host sync once warmed up, and a CUDA-graph capture of it replays to the eager results."""
+    def dense(t):
+        return t.to_dense() if t.is_sparse else t
+
+    expected = step()                       # compiles kernels, fills caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    side = torch.cuda.Stream()              # warm-up on a side stream, as torch.cuda.graphs recommends
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for e, g in zip(expected, static):
+        if e is not None:
+            torch.testing.assert_close(dense(g), dense(e))

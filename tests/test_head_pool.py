@@ -15,7 +15,7 @@ import nitrokernels.nn.head_pool as head_pool_module
 from nitrokernels.nn.head_pool import SDXL_LEVELS, HeadPool, HeadSample
 from nitrokernels.ops.dispatch import use_backend
 from nitrokernels.optim import SampledAdamW
-from nitrokernels.testing import assert_close_to_reference, random_tensor
+from nitrokernels.testing import assert_close_to_reference, assert_graph_capturable, random_tensor
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -533,23 +533,4 @@ def test_all_levels_step_captured_in_a_cuda_graph():
         out = pool(features, ids)
         return (out, *torch.autograd.grad(out, features + params, grad_out, allow_unused=True))
 
-    expected = step()                                   # compiles the kernels, caches the id bounds
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    graph.replay()
-    torch.cuda.synchronize()
-    for e, g in zip(expected, static):
-        if e is not None:
-            torch.testing.assert_close(g.to_dense() if g.is_sparse else g, e.to_dense() if e.is_sparse else e)
+    assert_graph_capturable(step)

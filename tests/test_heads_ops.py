@@ -18,7 +18,7 @@ import nitrokernels.kernels.heads as head_kernels
 from nitrokernels.ops import reference
 from nitrokernels.ops.dispatch import BackendUnavailable, use_backend
 from nitrokernels.ops.heads import HEAD_STACK, head_levels, head_stack
-from nitrokernels.testing import assert_close_to_reference, non_contiguous
+from nitrokernels.testing import assert_close_to_reference, assert_graph_capturable, non_contiguous
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -677,22 +677,4 @@ def test_gpu_no_host_sync_and_cuda_graph_capture():
         out = head_stack(*args, ids, 32)
         return (out, *torch.autograd.grad(out, params, grad_out))
 
-    expected = step()                                   # compiles the kernels
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    graph.replay()
-    torch.cuda.synchronize()
-    for e, g in zip(expected, static):
-        torch.testing.assert_close(dense(g), dense(e))
+    assert_graph_capturable(step)
