@@ -576,17 +576,18 @@ H100_SHARED_LIMIT = 227 * 1024
 @pytest.mark.parametrize("weights", ["pool", "gathered"])
 def test_kernels_compile_for_h100_without_spills(weights):
     """Every launch head_levels makes at SDXL head shapes (the 10-level pool in one call, and single levels)
-    compiles for sm_90a, fits in shared memory, and (bf16) does not spill registers. Runs tests/heads_sm90_compile.py in a subprocess (no interpreter, no GPU)."""
+    compiles for sm_90a, fits in shared memory, and (bf16) does not spill registers. Runs tests/sm90_compile.py
+    (the heads family) in a subprocess (no interpreter, no GPU)."""
     pytest.importorskip("triton.backends.nvidia.compiler")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heads_sm90_compile.py")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_compile.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["NITROKERNELS_HEADS_WEIGHTS"] = weights
-    proc = subprocess.run([sys.executable, script, "bfloat16", "float32"], capture_output=True, text=True, env=env,
-                          timeout=1800)
+    proc = subprocess.run([sys.executable, script, "heads", "bfloat16", "float32"], capture_output=True, text=True,
+                          env=env, timeout=1800)
     if proc.returncode and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
         pytest.skip("Triton's bundled ptxas is not available")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"kernel"')]
     kernels = {"_conv_fwd_kernel", "_gn_fwd_finish_kernel", "_final_fwd_kernel", "_final_bwd_kernel",
                "_gn_bwd_finish_kernel", "_gn_bwd_apply_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"}
     assert {r["kernel"] for r in results} >= kernels
