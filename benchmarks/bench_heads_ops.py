@@ -6,13 +6,19 @@ a 4x4 conv), 40 sampled heads of one level (pool of 48, repeats allowed), gradie
 every pooled parameter. Variants, timed in the same run:
 
   fused            ops.head_stack, Triton backend, weights read from the pool inside the kernels
-  fused_gathered   the same kernels with NITROKERNELS_HEADS_WEIGHTS=gathered (sampled weights copied per launch
-                   into a GEMM-friendly [h, 4, 4, I, O] layout): decides which weight source to default to
+  fused_gathered   (only while the kernels offer the choice, kernels.heads.weight_source) the same kernels with
+                   NITROKERNELS_HEADS_WEIGHTS=gathered for the forward AND the backward (sampled weights copied
+                   per launch into a GEMM-friendly [h, 4, 4, I, O] layout)
   fused_graph      `fused` captured in a CUDA graph (fixed head count, ids on the device)
   batched_eager    reference.head_stack_batched_eager: first layers as one conv with the gathered weights
                    concatenated, deeper layers as grouped convs (groups = heads), GroupNorm over heads*32 groups
   batched_graph    batched_eager captured in a CUDA graph (the "careful user" baseline of issue 7)
   loop             reference.head_stack_loop_reference: one head at a time (F.conv2d / group_norm / silu)
+
+Every variant gets the same gradients: the feature's, and the SAMPLED heads' parameters only. The fused op
+returns sparse rows of the pooled parameters; the baselines gather the sampled rows (inside the timed step) into
+leaf tensors and differentiate those (a careful eager user's step; differentiating the pooled tensors instead
+would add a dense zero-fill + scatter of every pooled head to each baseline).
 
 FLOP floor: every conv's forward, data-gradient and weight-gradient GEMM (3x the forward FLOPs; the final conv
 included) at the measured bf16 matmul rate; GroupNorm/SiLU and memory traffic are ignored. Peak memory is
@@ -22,11 +28,13 @@ recorded per variant (for graph variants it is the replay's, the graph's pool be
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 import torch
 
+import nitrokernels.kernels.heads as heads_kernels
 from nitrokernels.ops.dispatch import use_backend
 from nitrokernels.ops.heads import head_stack
 from nitrokernels.ops.reference import head_stack_batched_eager, head_stack_loop_reference
@@ -76,14 +84,46 @@ def _inputs(args):
     return [feature, *conv_w, *conv_b, *norm_w, *norm_b, final_w, final_b]
 
 
-def step_fn(fn, args, ids):
+def step_fn(fn, args, ids, env=None):
+    """Forward + backward of `fn` with gradients to the feature and the pooled parameters (the fused op returns
+    sparse rows); `env`: environment variables set for the WHOLE step, backward included."""
     grad_out = torch.randn(HEADS, BATCH, device="cuda", dtype=DTYPE)
     inputs = _inputs(args)
 
     def step():
-        out = fn(*args, ids, GROUPS)
-        return torch.autograd.grad(out, inputs, grad_out)
+        with _environment(env or {}):
+            out = fn(*args, ids, GROUPS)
+            return torch.autograd.grad(out, inputs, grad_out)
     return step
+
+
+def baseline_step_fn(fn, args, ids):
+    """Forward + backward of an eager baseline with gradients to the feature and to the sampled heads' rows only:
+    the rows are gathered (inside the step) into leaves, the baseline runs on them with ids 0..h-1."""
+    grad_out = torch.randn(HEADS, BATCH, device="cuda", dtype=DTYPE)
+    feature, *pooled = args
+    local_ids = torch.arange(HEADS, device=ids.device)
+
+    def step():
+        rows = [[w.detach().index_select(0, ids).requires_grad_(True) for w in group] for group in pooled[:4]]
+        final = [w.detach().index_select(0, ids).requires_grad_(True) for w in pooled[4:]]
+        out = fn(feature, *rows, *final, local_ids, GROUPS)
+        return torch.autograd.grad(out, [feature, *(w for group in rows for w in group), *final], grad_out)
+    return step
+
+
+@contextlib.contextmanager
+def _environment(env: dict):
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def fused(*args):
@@ -91,16 +131,7 @@ def fused(*args):
         return head_stack(*args)
 
 
-def fused_gathered(*args):
-    old = os.environ.get("NITROKERNELS_HEADS_WEIGHTS")
-    os.environ["NITROKERNELS_HEADS_WEIGHTS"] = "gathered"
-    try:
-        return fused(*args)
-    finally:
-        if old is None:
-            os.environ.pop("NITROKERNELS_HEADS_WEIGHTS")
-        else:
-            os.environ["NITROKERNELS_HEADS_WEIGHTS"] = old
+HAS_WEIGHT_SOURCES = hasattr(heads_kernels, "weight_source")    # the pool / gathered choice (may be removed)
 
 
 def graphed(step):
@@ -124,20 +155,23 @@ def graphed(step):
 def test_head_stack_level(nk_bench, channels, size):
     torch.manual_seed(0)
     args, ids = make_level(channels, size)
-    variants = {"fused": step_fn(fused, args, ids), "fused_gathered": step_fn(fused_gathered, args, ids)}
+    variants = {"fused": step_fn(fused, args, ids)}
     notes = []
 
-    def add_graphed(name, fn):  # a failed capture becomes a note; the other variants still run
-        replay, why = graphed(step_fn(fn, args, ids))
+    def add_graphed(name, step):  # a failed capture becomes a note; the other variants still run
+        replay, why = graphed(step)
         if replay is not None:
             variants[name] = replay
         else:
             notes.append(f"{name}: {why}")
 
-    add_graphed("fused_graph", fused)
-    variants["batched_eager"] = step_fn(head_stack_batched_eager, args, ids)
-    add_graphed("batched_graph", head_stack_batched_eager)
-    variants["loop"] = step_fn(head_stack_loop_reference, args, ids)
+    # fused-type and baseline variants alternate (the harness times them one after another)
+    variants["batched_eager"] = baseline_step_fn(head_stack_batched_eager, args, ids)
+    if HAS_WEIGHT_SOURCES:
+        variants["fused_gathered"] = step_fn(fused, args, ids, env={"NITROKERNELS_HEADS_WEIGHTS": "gathered"})
+    add_graphed("batched_graph", baseline_step_fn(head_stack_batched_eager, args, ids))
+    add_graphed("fused_graph", step_fn(fused, args, ids))
+    variants["loop"] = baseline_step_fn(head_stack_loop_reference, args, ids)
     nk_bench.compare(f"head_stack {channels}x{size}", {"channels": channels, "size": size, "heads": HEADS,
                                                         "batch": BATCH, "hidden": HIDDEN, "dtype": "bfloat16"},
                      variants, flops=level_flops(channels, size, HEADS), dtype=DTYPE, memory=True,
