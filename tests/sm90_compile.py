@@ -5,9 +5,12 @@
 families: heads, group_norm, attention, geglu (default: all); dtypes: bfloat16, float16, float32 (default: each
 family's default dtypes). A dtype the op's Triton backend refuses on a GPU (its `_triton_reasons`, e.g. fp32 attention /
 geglu) is skipped with a {"skipped": ...} line. One line per distinct launch (kernel, constexprs, signature,
-options: what the JIT would compile separately): registers, spill bytes, shared memory, wgmma / cp.async counts;
-per distinct autotuned call a {"tuning": kernel, ...} line (its candidate configs, their fewest and most spill
-bytes); one {"summary": family, ...} line per family and dtype (launch count, compile seconds).
+options: what the JIT would compile separately): registers, spill bytes, shared memory, wgmma / cp.async counts,
+and "hot_loops": per tensor-core hot loop of its sm_90a SASS (nitrokernels._sass: the innermost backward branch
+holding HGMMA) its per-iteration counts, cycles and the refusals of the CI hot-loop check (NK_SM90_SASS=0 skips
+the disassembly); per distinct autotuned call a {"tuning": kernel, ...} line (its candidate configs and their
+"ids", their fewest and most spill bytes); one {"summary": family, ...} line per family and dtype.
+NK_SM90_CACHE=dir keeps Triton's cache there between runs (development); NK_SM90_SASS_DIR=dir writes the SASS.
 
 How: each family's host code runs on `meta` tensors at SDXL shapes with JITFunction.run replaced by a recorder;
 autotuned kernels record every config that survives the autotuner's pruning (any of them may win on the GPU).
@@ -38,12 +41,18 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nitrokernels import _sass  # noqa: E402
+
+# SASS hot-loop facts per compiled launch (nvdisasm); NK_SM90_SASS=0 skips them
+SASS = os.environ.get("NK_SM90_SASS", "1") != "0"
+_sass_ids = itertools.count()
 
 ARCH = 90
 H100_SMS = 132
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
           torch.int32: "i32"}
 _launches: list = []
+_grids: list = []         # the grid of each recorded launch (same order)
 
 
 # ================================================================================== recording launches
@@ -53,6 +62,17 @@ _tuning_ids = itertools.count()
 
 def _record(self, *args, grid, warmup, **kwargs):
     _launches.append((self, args, kwargs, _tuning[0]))
+    _grids.append(_resolve_grid(self, grid, args, kwargs))
+
+
+def _resolve_grid(fn, grid, args, kwargs):
+    """The launch grid as a 3-tuple of ints (a callable grid gets the launch's arguments and constexprs)."""
+    if callable(grid):
+        meta = dict(zip(fn.arg_names, args))
+        meta.update(kwargs)
+        grid = grid(meta)
+    grid = tuple(int(g) for g in grid)
+    return grid + (1,) * (3 - len(grid))
 
 
 def _record_autotuned(self, *args, **kwargs):
@@ -139,10 +159,31 @@ def compile_launch(fn, args, kwargs) -> dict:
     log = _ptxas(ptx, fn.__name__)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
-    return {"kernel": fn.__name__, "constexprs": {k: v for k, v in kwargs.items() if k in fn.arg_names},
-            "options": options, "shared": compiled.metadata.shared, "registers": max(regs or [0]),
-            "spill_bytes": max(spills or [0]), "wgmma": ptx.count("wgmma.mma_async"),
-            "cp_async": ptx.count("cp.async.c"), "seconds": round(time.perf_counter() - start, 2)}
+    result = {"kernel": fn.__name__, "constexprs": {k: v for k, v in kwargs.items() if k in fn.arg_names},
+              "options": options, "shared": compiled.metadata.shared, "registers": max(regs or [0]),
+              "spill_bytes": max(spills or [0]), "wgmma": ptx.count("wgmma.mma_async"),
+              "cp_async": ptx.count("cp.async.c"), "num_warps": compiled.metadata.num_warps}
+    if SASS:
+        result["hot_loops"] = hot_loop_facts(compiled.asm["cubin"], compiled.metadata.num_warps, fn.__name__)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def hot_loop_facts(cubin: bytes, warps: int, name: str) -> list[dict]:
+    """Per tensor-core hot loop of the kernel's SASS (nitrokernels._sass): its counts, cycles per iteration and
+    what the CI check refuses in it. NK_SM90_SASS_DIR=dir also writes the SASS text there."""
+    text = _sass.disassemble(cubin)
+    if os.environ.get("NK_SM90_SASS_DIR"):
+        os.makedirs(os.environ["NK_SM90_SASS_DIR"], exist_ok=True)
+        with open(os.path.join(os.environ["NK_SM90_SASS_DIR"], f"{name}-{next(_sass_ids)}.sass"), "w") as f:
+            f.write(text)
+    facts = []
+    for instrs in _sass.parse(text).values():
+        for loop in _sass.hot_loops(instrs):
+            d = loop.summary()
+            d.update(cycles=loop.cycles(warps), problems=_sass.problems(loop, warps))
+            facts.append(d)
+    return facts
 
 
 def _key(fn, args, kwargs):
@@ -305,7 +346,8 @@ def _print_tunings(family, dtype_name, tunings):
         results = list(by_key.values())
         print(json.dumps({"tuning": kernel, "family": family, "dtype": dtype_name, "constexprs": fixed,
                           "configs": len(results), "min_spill_bytes": min(r["spill_bytes"] for r in results),
-                          "max_spill_bytes": max(r["spill_bytes"] for r in results)}), flush=True)
+                          "max_spill_bytes": max(r["spill_bytes"] for r in results),
+                          "ids": [r["id"] for r in results]}), flush=True)
 
 
 def run_family(name, dtypes, seen):
@@ -317,13 +359,14 @@ def run_family(name, dtypes, seen):
             print(json.dumps({"skipped": name, "dtype": dtype_name, "reasons": reasons}), flush=True)
             continue
         _launches.clear()
+        _grids.clear()
         record(dtype)
         start, count, tunings = time.perf_counter(), 0, {}
         for fn, args, kwargs, tuning in list(_launches):
             key = _key(fn, args, kwargs)
             if key not in seen:
                 seen[key] = compile_launch(fn, args, kwargs)
-                seen[key].update(family=name, dtype=dtype_name)
+                seen[key].update(family=name, dtype=dtype_name, id=len(seen) - 1)
                 print(json.dumps(seen[key]), flush=True)
                 count += 1
             if tuning is not None:
@@ -334,12 +377,39 @@ def run_family(name, dtypes, seen):
               flush=True)
 
 
+def record_launches(record, *args, **kwargs) -> list[tuple]:
+    """Run `record(*args, **kwargs)` (host code on meta tensors) with launches recorded, not run:
+    [(JITFunction, args, kwargs, grid)] in launch order (autotuned calls: one entry per candidate config)."""
+    saved = JITFunction.run, Autotuner.run
+    JITFunction.run, Autotuner.run = _record, _record_autotuned
+    _launches.clear()
+    _grids.clear()
+    try:
+        record(*args, **kwargs)
+    finally:
+        JITFunction.run, Autotuner.run = saved
+    return [(fn, a, kw, grid) for (fn, a, kw, _), grid in zip(_launches, _grids)]
+
+
+def compiled(fn, args, kwargs, seen: dict) -> dict:
+    """compile_launch, once per specialisation key (`seen` is the cache)."""
+    key = _key(fn, args, kwargs)
+    if key not in seen:
+        seen[key] = compile_launch(fn, args, kwargs)
+    return seen[key]
+
+
 def main(argv):
     families = [a for a in argv if a in FAMILIES] or list(FAMILIES)
     dtypes = [a for a in argv if a not in FAMILIES]
     JITFunction.run = _record
     Autotuner.run = _record_autotuned
     seen = {}  # specialisation key -> compile result
+    if os.environ.get("NK_SM90_CACHE"):   # development: reuse Triton's compiled kernels across runs
+        os.environ["TRITON_CACHE_DIR"] = os.environ["NK_SM90_CACHE"]
+        for name in families:
+            run_family(name, dtypes, seen)
+        return
     # a fresh Triton cache: every launch really compiles (honest timings), and no one else's cache is touched
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache

@@ -78,6 +78,15 @@ FAMILY_KERNELS = {
 WGMMA_KERNELS = {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_geglu_fwd"}
 
 
+_COMPILED: dict = {}   # (family, dtype) -> JSON lines, once per session: the compile and hot-loop tests share it
+
+
+def _family_lines(family: str) -> list[dict]:
+    if family not in _COMPILED:
+        _COMPILED[family] = _sm90_compile(family, CI_DTYPE)
+    return _COMPILED[family]
+
+
 def _sm90_compile(*argv) -> list[dict]:
     """tests/sm90_compile.py in a subprocess (compiling needs the interpreter off); its JSON lines."""
     pytest.importorskip("triton.backends.nvidia.compiler")
@@ -95,7 +104,7 @@ def _sm90_compile(*argv) -> list[dict]:
 def test_triton_kernels_compile_for_h100(family):
     """Every launch the family's host code makes at SDXL shapes (forward + backward, every autotune
     candidate) compiles for sm_90a and fits in shared memory; spills stay within the budget above."""
-    lines = _sm90_compile(family, CI_DTYPE)
+    lines = _family_lines(family)
     results = [r for r in lines if "kernel" in r]
     assert {r["kernel"] for r in results} == FAMILY_KERNELS[family]
     for r in results:
@@ -110,3 +119,69 @@ def test_triton_kernels_compile_for_h100(family):
     for r in results:
         if r["kernel"] in WGMMA_KERNELS:
             assert r["wgmma"], f"{r['kernel']} {r['constexprs']} {r['options']}: no wgmma"
+
+
+# ============================================================ sm_90a SASS: the tensor-core hot loops, no GPU
+# Every HGMMA hot loop (nitrokernels._sass: innermost backward branch holding HGMMA) at SDXL shapes must have:
+# no scalar global loads staged through registers into shared memory, >= 1 MMA group in flight across the
+# iteration (no WARPGROUP.DEPBAR.LE gsb0, 0x0), no local memory, MUFU + integer pipe cycles <= 0.5 x MMA cycles
+# (_sass.problems). Autotuned calls: at least one candidate config must pass (the others only lose the tuning).
+#
+# Attention is held to what its algorithm allows instead of two of these rules, and nothing else:
+#  * its loops chain two dots (S = Q K^T, softmax, P V): S must be complete before the softmax, so every
+#    iteration waits for it (gsb0, 0x0); overlapping it needs ping-pong warpgroups (FA3), which Triton 3.9's
+#    pipeliner does not generate;
+#  * one exp per score is the algorithm: with head dim D the MMA work per score is 4·D FLOPs, i.e. 1/16 SM
+#    cycle at D = 64, the same as one MUFU.EX2 (16 per SM per cycle). The rule there: at most 1.1 MUFU per
+#    score (+8 per warp for the row maxima / rescales), and integer cycles <= 0.5 x MMA cycles.
+CHAINED_MMA_KERNELS = {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+HEADS_HOT_LOOP_GAPS = (
+    "heads kernels at issue 14's start: conv_fwd / conv_dgrad load weights with scalar LDG.E.U16 + STS.U16 "
+    "(16 per thread and iteration); 16 of 18 hot loops wait for every MMA group (gsb0, 0x0); GroupNorm+SiLU "
+    "recomputed per A-tile puts MUFU + integer cycles at 2-6x the MMA cycles (e.g. conv_fwd NORM: 512 MUFU + "
+    "900 integer vs 256 MMA cycles per iteration; even wgrad layer 1: 700 integer vs 512 MMA)")
+
+
+def _hot_loop_problems(family: str, r: dict) -> list[str]:
+    """The refusals of one compiled launch's hot loops under the family's rules (see above)."""
+    out = []
+    for loop in r.get("hot_loops", []):
+        where = f"{r['kernel']} {r['constexprs']} {r['options']} loop {loop['start']:#x}-{loop['end']:#x}"
+        problems = loop["problems"]
+        if r["kernel"] in CHAINED_MMA_KERNELS:
+            problems = [p for p in problems if "no MMA in flight" not in p and "MUFU + integer" not in p]
+            c = r["constexprs"]
+            scores = c["BLOCK_M"] * c["BLOCK_N"] / (32 * r["num_warps"])
+            if loop["mufu"] > 1.1 * scores + 8:
+                problems.append(f"{loop['mufu']} MUFU per warp for {scores:.0f} scores per thread")
+            if loop["cycles"]["integer"] > 0.5 * loop["cycles"]["mma"]:
+                problems.append(f"integer cycles {loop['cycles']['integer']:.0f} > 0.5 x MMA {loop['cycles']['mma']:.0f}")
+        out += [f"{where}: {p}" for p in problems]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [
+    pytest.param("heads", marks=pytest.mark.xfail(strict=True, reason=HEADS_HOT_LOOP_GAPS)),
+    "attention", "geglu", "group_norm"])
+def test_tensor_core_hot_loops_in_sass(family):
+    """The hot-loop rules above on every launch the family's host code makes at SDXL shapes (bf16, sm_90a)."""
+    lines = _family_lines(family)
+    results = {r["id"]: r for r in lines if "kernel" in r}
+    assert results, f"{family}: nothing compiled"
+    tunings = [t for t in lines if "tuning" in t]
+    tuned = {i for t in tunings for i in t["ids"]}
+    failures = [p for i, r in results.items() if i not in tuned for p in _hot_loop_problems(family, r)]
+    for t in tunings:
+        per_config = [_hot_loop_problems(family, results[i]) for i in t["ids"]]
+        if all(per_config):
+            failures.append(f"every config of {t['tuning']} {t['constexprs']} fails: {min(per_config, key=len)}")
+    assert not failures, f"{len(failures)} failing hot loops:\n" + "\n".join(failures[:40])
+    loops = [loop for r in results.values() for loop in r.get("hot_loops", [])]
+    if family in WGMMA_FAMILIES:
+        assert loops, f"{family}: no HGMMA hot loop found in the SASS"
+    else:
+        assert not loops, f"{family}: unexpected HGMMA loops"
+
+
+WGMMA_FAMILIES = {"heads", "attention", "geglu"}
