@@ -12,7 +12,15 @@
     every other row keeps bit-identical weights and optimiser state;
   * each row has its own step counter (state["step"] is a float32 [P] tensor), so the bias correction of a
     head that was sampled k times is exactly AdamW's after k steps, however many steps the optimiser took;
-  * `reset_rows(param, rows)` zeroes the moments and step of those rows (what `HeadPool.refresh_` calls).
+  * `reset_rows(param, rows)` zeroes the moments and step of those rows (what `HeadPool.refresh_` calls);
+  * the state is kept in float32 whatever the parameter's dtype (float64 for float64 parameters): moments
+    state["exp_avg"] / state["exp_avg_sq"], and for bf16/fp16 parameters fp32 master rows state["master"]
+    (the parameter is their rounding). bf16 storage alone loses small updates: at lr 1e-5 an update of a
+    weight |w| ~ 0.007 is below half its bf16 ulp and rounds away every step. A parameter element changed
+    behind the optimiser's back (e.g. a re-initialised head) is re-read from the parameter at its next step;
+  * state_dict() / load_state_dict() round-trip the fp32 state exactly (torch's default would cast it to the
+    parameter's dtype); a state dict of the earlier 16-bit-state form loads too (moments upcast, masters
+    taken from the parameters).
 
 With every row present in every step it computes exactly what torch.optim.AdamW computes. The update runs
 through `nitrokernels.ops.optim.sampled_adamw_`: one CUDA C++ multi-tensor launch by row index when the
@@ -24,7 +32,7 @@ from typing import Iterable
 
 import torch
 
-from nitrokernels.ops.optim import sampled_adamw_
+from nitrokernels.ops.optim import needs_master, sampled_adamw_, state_dtype
 
 __all__ = ["SampledAdamW"]
 
@@ -55,10 +63,13 @@ class SampledAdamW(torch.optim.Optimizer):
             if p.dim() == 0:
                 raise ValueError("SampledAdamW: 0-dim parameters have no rows; use torch.optim.AdamW for them")
             state["step"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        elif state["step"].device != p.device:  # e.g. after load_state_dict, which keeps "step" where it was
+            sdt = state_dtype(p.dtype)
+            state["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.contiguous_format)
+        if state["step"].device != p.device:  # e.g. after load_state_dict, which keeps "step" where it was
             state["step"] = state["step"].to(p.device)
+        if needs_master(p.dtype) and "master" not in state:
+            state["master"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format).clone()
         return state
 
     @torch.no_grad()
@@ -68,7 +79,7 @@ class SampledAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            params, grads, exp_avgs, exp_avg_sqs, steps, masters = [], [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -78,14 +89,16 @@ class SampledAdamW(torch.optim.Optimizer):
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
+                masters.append(state.get("master"))
             beta1, beta2 = group["betas"]
-            sampled_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
-                           eps=group["eps"], weight_decay=group["weight_decay"])
+            sampled_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr=group["lr"], beta1=beta1,
+                           beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         return loss
 
     @torch.no_grad()
     def reset_rows(self, param: torch.Tensor, rows) -> None:
-        """Zero the moments and the step counter of `rows` (indices along dim 0) of `param`.
+        """Zero the moments and the step counter of `rows` (indices along dim 0) of `param`; fp32 master rows
+        (16-bit params) are re-read from the parameter (re-initialised rows start from their new values).
 
         `rows`: int, sequence of ints or an integer tensor (any device; it is moved, no host sync). Rows of
         a parameter that has no state yet need nothing. Raises ValueError if `param` is not optimised here.
@@ -101,3 +114,25 @@ class SampledAdamW(torch.optim.Optimizer):
         rows = rows.to(param.device, non_blocking=True)
         for key in ("exp_avg", "exp_avg_sq", "step"):
             state[key].index_fill_(0, rows.to(state[key].device, non_blocking=True), 0)
+        if "master" in state:
+            state["master"].index_copy_(0, rows, param.detach().index_select(0, rows).to(torch.float32))
+
+    # ------------------------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, except that the float32 moments / masters keep their dtype (torch would cast them to
+        the parameter's dtype); older 16-bit moments are upcast, missing masters come from the parameters."""
+        kept_keys = ("exp_avg", "exp_avg_sq", "master")
+        saved = state_dict["state"]
+        kept = {k: {n: v for n, v in s.items() if n in kept_keys} for k, s in saved.items()}
+        stripped = dict(state_dict)
+        stripped["state"] = {k: {n: v for n, v in s.items() if n not in kept_keys} for k, s in saved.items()}
+        super().load_state_dict(stripped)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            for name, value in kept.get(i, {}).items():
+                self.state[p][name] = value.to(device=p.device, dtype=state_dtype(p.dtype)
+                                               if name != "master" else torch.float32,
+                                               memory_format=torch.contiguous_format).clone()
+            if i in kept:
+                self._state_of(p)

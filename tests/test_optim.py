@@ -3,20 +3,66 @@
 The reference for a row that received gradients in k of the optimiser's steps is torch.optim.AdamW run on
 that row alone for those k steps (per-row step counters), with repeated sparse indices summed.
 """
+import contextlib
 import copy
+import os
+import sys
 
 import pytest
 import torch
 
+import nitrokernels.ops.optim as optim_ops
 from nitrokernels import _ext
 from nitrokernels.ops.dispatch import use_backend
 from nitrokernels.ops.optim import sampled_adamw_
 from nitrokernels.optim import SampledAdamW
 
 HAS_CUDA = torch.cuda.is_available()
-BACKENDS = ["eager"] + (["cuda_ext"] if HAS_CUDA and _ext.extension_available() else [])
+# "cuda_emu": csrc/heads/sampled_adamw.cu's kernels run on the CPU thread by thread (tests/cuda_emulation.py)
+BACKENDS = ["eager"] + (["cuda_ext"] if HAS_CUDA and _ext.extension_available() else []) + \
+    ([] if HAS_CUDA else ["cuda_emu"])
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 HYPER = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.3)
+CU_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "heads",
+                         "sampled_adamw.cu")
+
+
+def _emulated_ops():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cuda_emulation
+
+    reason = cuda_emulation.available()
+    if reason:
+        pytest.skip(f"CUDA emulation unavailable: {reason}")
+    namespace = cuda_emulation.default_namespace(CU_SOURCE)
+    if not hasattr(getattr(torch.ops, namespace), "sampled_adamw_"):
+        torch.ops.load_library(cuda_emulation.build(CU_SOURCE))
+    return getattr(torch.ops, namespace)
+
+
+@contextlib.contextmanager
+def backend_of(backend):
+    """use_backend, plus "cuda_emu": the eager backend's reference replaced by the emulated CUDA kernels, fed
+    exactly what the cuda_ext backend feeds the real ones (ops.optim.kernel_arguments)."""
+    if backend != "cuda_emu":
+        with use_backend(backend, "sampled_adamw"):
+            yield
+        return
+    ops = _emulated_ops()
+
+    def run(params, grads, exp_avgs, exp_avg_sqs, steps, masters=None, *, lr, beta1, beta2, eps, weight_decay):
+        values, rows, perms = optim_ops.kernel_arguments(params, grads)
+        masters = [None] * len(params) if masters is None else list(masters)
+        ops.sampled_adamw_(list(params), values, rows, perms, list(exp_avgs), list(exp_avg_sqs), list(steps),
+                           masters, lr, beta1, beta2, eps, weight_decay)
+
+    saved = optim_ops.sampled_adamw_reference_
+    optim_ops.sampled_adamw_reference_ = run
+    try:
+        with use_backend("eager", "sampled_adamw"):
+            yield
+    finally:
+        optim_ops.sampled_adamw_reference_ = saved
 
 
 def sparse_rows(rows, values, shape):
@@ -46,7 +92,7 @@ def test_matches_torch_adamw_when_every_row_has_a_gradient(backend, dtype, spars
             perm = torch.randperm(p.shape[0], device=p.device)
             p.grad = sparse_rows(perm, g[perm], p.shape) if sparse else g.clone()
             q.grad = g.clone()
-        with use_backend(backend, "sampled_adamw"):
+        with backend_of(backend):
             opt.step()
         ref.step()
     tol = 1e-12 if dtype == torch.float64 else 2e-6
@@ -83,7 +129,7 @@ def test_sampled_rows_only_with_per_row_bias_correction(backend):
             values = torch.randn(len(rows), *p.shape[1:], dtype=dtype, device=p.device)
             p.grad = sparse_rows(rows, values, p.shape)
             history[i].append(list(zip(rows, values)))
-        with use_backend(backend, "sampled_adamw"):
+        with backend_of(backend):
             opt.step()
     touched = sorted({r for rows in steps for r in rows})
     for i, p in enumerate(params):
@@ -110,7 +156,7 @@ def test_accumulated_sparse_gradients_sum(backend):
     mask = torch.zeros(6, dtype=torch.bool, device=p.device)
     mask[[2, 5]] = True
     opt = SampledAdamW([p], **HYPER)
-    with use_backend(backend, "sampled_adamw"):
+    with backend_of(backend):
         opt.step()
     q_rows = torch.nn.Parameter(q.detach()[mask].clone())
     q_rows.grad = dense[mask]
@@ -129,9 +175,9 @@ def test_low_precision_params(backend, dtype):
     low.grad = sparse_rows([3, 0], g.to(dtype), p.shape)
     ref_opt, opt = SampledAdamW([p], **HYPER), SampledAdamW([low], **HYPER)
     ref_opt.step()
-    with use_backend(backend, "sampled_adamw"):
+    with backend_of(backend):
         opt.step()
-    assert opt.state[low]["exp_avg"].dtype == dtype
+    assert opt.state[low]["exp_avg"].dtype == torch.float32 and opt.state[low]["master"].dtype == torch.float32
     # one bf16/fp16 rounding of the inputs and of the result
     torch.testing.assert_close(low.detach().float(), p.detach(), rtol=2e-2, atol=2e-2)
     assert torch.equal(low.detach()[1:3], p.detach()[1:3].to(dtype))
@@ -143,7 +189,7 @@ def test_reset_rows_restarts_those_rows(backend):
     opt = SampledAdamW([p], **HYPER)
     for _ in range(3):
         p.grad = torch.randn_like(p)
-        with use_backend(backend, "sampled_adamw"):
+        with backend_of(backend):
             opt.step()
     before = {k: v.clone() for k, v in opt.state[p].items()}
     opt.reset_rows(p, torch.tensor([1, 3], device=p.device))
@@ -155,7 +201,7 @@ def test_reset_rows_restarts_those_rows(backend):
     start = p.detach()[1].clone()
     g = torch.randn(1, 3, dtype=p.dtype, device=p.device)
     p.grad = sparse_rows([1], g, p.shape)
-    with use_backend(backend, "sampled_adamw"):
+    with backend_of(backend):
         opt.step()
     q = torch.nn.Parameter(start)
     q.grad = g[0]
@@ -241,3 +287,139 @@ def test_cuda_kernel_matches_eager_on_many_tensors_and_long_rows():
         tol = 1e-2 if p.dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(p.detach(), q.detach(), rtol=tol, atol=tol)
         assert torch.equal(fused.state[p]["step"], eager.state[q]["step"])
+
+
+# ======================================================= fp32 state: small updates of 16-bit params survive
+def _small_update_run(backend, steps=60, lr=1e-5):
+    """A bf16 pool row of |w| ~ 0.007 trained at lr 1e-5 with fixed-sign gradients, beside the same optimiser on
+    an fp32 copy fed the same (bf16) gradients: (bf16 param, its optimiser, fp32 param, its optimiser, start)."""
+    g = torch.Generator().manual_seed(0)
+    start = (0.007 * (1 + torch.rand(3, 64, generator=g)) * torch.sign(torch.randn(3, 64, generator=g)))
+    low = torch.nn.Parameter(start.to(DEVICE, torch.bfloat16))
+    ref = torch.nn.Parameter(low.detach().float().clone())
+    hyper = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    opt, ref_opt = SampledAdamW([low], **hyper), SampledAdamW([ref], **hyper)
+    signs = torch.sign(torch.randn(2, 64, generator=g)).to(DEVICE)
+    for i in range(steps):
+        grad = (signs * (0.5 + torch.rand(2, 64, generator=g).to(DEVICE))).to(torch.bfloat16)
+        low.grad = sparse_rows([2, 0], grad, low.shape)
+        ref.grad = sparse_rows([2, 0], grad.float(), ref.shape)
+        with backend_of(backend):
+            opt.step()
+        with use_backend("eager", "sampled_adamw"):
+            ref_opt.step()
+    return low, opt, ref, ref_opt, start.to(DEVICE, torch.bfloat16)
+
+
+def assert_moves_like_fp32_master(low, opt, ref, ref_opt, start):
+    state, ref_state = opt.state[low], ref_opt.state[ref]
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(state[key].float(), ref_state[key], rtol=1e-6, atol=0, msg=key)
+    # the master holds the fp32 trajectory; the parameter is its rounding
+    torch.testing.assert_close(state["master"], ref.detach(), rtol=1e-6, atol=0)
+    assert torch.equal(low.detach(), ref.detach().to(torch.bfloat16))
+    moved = (ref.detach()[[0, 2]] - start[[0, 2]].float()).abs().mean()
+    assert moved > 3e-4, f"the fp32 reference moved only {moved}"          # ~60 steps x lr 1e-5 -> ~6e-4
+    assert not torch.equal(low.detach()[[0, 2]], start[[0, 2]]), "no bf16 weight moved"
+    assert torch.equal(low.detach()[1], start[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_params_at_lr_1e5_move_as_fp32_master_math(backend):
+    assert_moves_like_fp32_master(*_small_update_run(backend))
+
+
+def test_bf16_state_would_lose_the_updates(monkeypatch):
+    """The check above fails on the former design (moments in the param's dtype, no master rows): each update
+    (~1e-5) is below half a bf16 ulp of |w| ~ 0.007 (~3e-5) and rounds away."""
+    for module in (optim_ops, sys.modules["nitrokernels.optim"]):
+        monkeypatch.setattr(module, "state_dtype", lambda dtype: dtype)
+        monkeypatch.setattr(module, "needs_master", lambda dtype: False)
+    low, opt, ref, ref_opt, start = _small_update_run("eager")
+    assert opt.state[low]["exp_avg"].dtype == torch.bfloat16 and "master" not in opt.state[low]
+    assert torch.equal(low.detach(), start)                     # not a single weight moved in 60 steps
+    with pytest.raises(AssertionError):
+        assert_moves_like_fp32_master(low, opt, ref, ref_opt, start)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeated_rows_sum_in_entry_order(backend):
+    """Repeated rows are summed sequentially in entry order (fp32): 1e8 + (-1e8) + 1 = 1, whereas any order that
+    adds the 1 before cancelling gives 0. The rows are interleaved so only a stable sort keeps the order."""
+    p = torch.nn.Parameter(torch.zeros(3, 4, device=DEVICE))
+    big = torch.full((4,), 1e8, device=DEVICE)
+    values = torch.stack([big, torch.full((4,), 5.0, device=DEVICE), -big, torch.ones(4, device=DEVICE)])
+    p.grad = sparse_rows([2, 0, 2, 2], values, p.shape)
+    opt = SampledAdamW([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    with backend_of(backend):
+        opt.step()
+    torch.testing.assert_close(opt.state[p]["exp_avg"][2], torch.full((4,), 0.1, device=DEVICE))  # (1 - b1) * 1
+    torch.testing.assert_close(opt.state[p]["exp_avg"][0], torch.full((4,), 0.5, device=DEVICE))
+    assert (opt.state[p]["step"] == torch.tensor([1.0, 0.0, 1.0], device=DEVICE)).all()
+
+
+def test_eager_sum_helper_order_and_counts():
+    rows = torch.tensor([3, 1, 3, 3, 1])
+    values = torch.tensor([[1e8], [2.0], [-1e8], [1.0], [3.0]])
+    uniq, total = optim_ops.sum_rows_in_order(rows, values, torch.float32)
+    assert uniq.tolist() == [1, 3] and total.view(-1).tolist() == [5.0, 1.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reset_and_outside_writes_resync_the_master(backend):
+    p = torch.nn.Parameter(torch.randn(4, 8, device=DEVICE).to(torch.bfloat16))
+    opt = SampledAdamW([p], lr=1e-3)
+    for _ in range(2):
+        p.grad = sparse_rows([0, 1, 2], torch.randn(3, 8, device=DEVICE).to(torch.bfloat16), p.shape)
+        with backend_of(backend):
+            opt.step()
+    state = opt.state[p]
+    with torch.no_grad():      # a refresh re-initialises row 1 (then resets it), row 2 is written with no reset
+        p[1] = torch.randn(8, device=DEVICE).to(torch.bfloat16)
+        p[2] = torch.randn(8, device=DEVICE).to(torch.bfloat16)
+    opt.reset_rows(p, [1])
+    assert torch.equal(state["master"][1], p.detach()[1].float()) and state["step"][1] == 0
+    row2 = p.detach()[2].float().clone()
+    g = torch.randn(1, 8, device=DEVICE).to(torch.bfloat16)
+    p.grad = sparse_rows([2], g, p.shape)
+    with backend_of(backend):
+        opt.step()
+    # row 2 stepped from the value written into p, not from the stale master
+    assert (state["master"][2] - row2).abs().max() < 5 * 1e-3
+
+
+def test_state_dict_round_trip_keeps_fp32_state_of_bf16_params():
+    p = torch.nn.Parameter(torch.randn(4, 6).to(torch.bfloat16))
+    opt = SampledAdamW([p], lr=1e-5)
+    p.grad = sparse_rows([1, 3], torch.randn(2, 6).to(torch.bfloat16), p.shape)
+    opt.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = SampledAdamW([q], lr=1e-5)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for key in ("exp_avg", "exp_avg_sq", "master", "step"):
+        assert opt2.state[q][key].dtype == torch.float32
+        assert torch.equal(opt2.state[q][key], opt.state[p][key]), key
+    g = sparse_rows([3, 0], torch.randn(2, 6).to(torch.bfloat16), p.shape)
+    p.grad, q.grad = g, g.clone()
+    opt.step()
+    opt2.step()
+    assert torch.equal(p.detach(), q.detach()) and torch.equal(opt.state[p]["master"], opt2.state[q]["master"])
+
+
+def test_loads_a_state_dict_with_16_bit_moments():
+    """The former state form (moments in the param's dtype, no master): moments upcast, master from the param."""
+    p = torch.nn.Parameter(torch.randn(4, 6).to(torch.bfloat16))
+    opt = SampledAdamW([p], lr=1e-3)
+    p.grad = sparse_rows([1], torch.randn(1, 6).to(torch.bfloat16), p.shape)
+    opt.step()
+    old = copy.deepcopy(opt.state_dict())
+    for st in old["state"].values():
+        st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].to(torch.bfloat16), st["exp_avg_sq"].to(torch.bfloat16)
+        del st["master"]
+    opt2 = SampledAdamW([p], lr=1e-3)
+    opt2.load_state_dict(old)
+    state = opt2.state[p]
+    assert state["exp_avg"].dtype == torch.float32 and torch.equal(state["master"], p.detach().float())
+    p.grad = sparse_rows([1], torch.randn(1, 6).to(torch.bfloat16), p.shape)
+    opt2.step()
+    assert state["step"][1] == 2

@@ -6,9 +6,14 @@
 //   values [n, R]  gradient rows (sparse COO values, or the dense gradient with n = P),
 //   rows   [n]     int64 row of each entry, SORTED ascending (repeats allowed),
 //   perm   [n]     int64 entry -> index into values (the sort permutation), or None for identity,
-//   exp_avg, exp_avg_sq [P, R] (param dtype), step [P] float32 (per-row step counters).
+//   exp_avg, exp_avg_sq [P, R] in the math type (float for float/half/bfloat16, double for double),
+//   master [P, R] float32 master rows for half/bfloat16 params, or None (the param is its own master),
+//   step [P] float32 (per-row step counters).
 // Repeated rows are summed: the first entry of each run of equal rows does the update with the run's sum,
 // the others do nothing, so the entry count stays fixed and nothing syncs with the host (graph-capturable).
+// The sum runs sequentially over the run in sorted order; the caller sorts stably, so that is the entry
+// order: deterministic, and the eager reference's order. A master element whose rounding differs from the
+// param (the param was written behind the optimiser's back) is re-read from the param first.
 // Kernel 1 updates param / moments reading step+1; kernel 2 then increments the step of each run once.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -30,10 +35,12 @@ constexpr int64_t kChunk = 4096;  // elements of one row handled by one block
 
 template <typename scalar_t>
 struct Batch {
+  using opmath_t = at::opmath_type<scalar_t>;
   scalar_t* param[kMaxTensors];
   const scalar_t* values[kMaxTensors];
-  scalar_t* exp_avg[kMaxTensors];
-  scalar_t* exp_avg_sq[kMaxTensors];
+  opmath_t* exp_avg[kMaxTensors];
+  opmath_t* exp_avg_sq[kMaxTensors];
+  float* master[kMaxTensors];       // nullptr: the param is its own master
   float* step[kMaxTensors];
   const int64_t* rows[kMaxTensors];
   const int64_t* perm[kMaxTensors];
@@ -70,8 +77,9 @@ __global__ void __launch_bounds__(kThreads) sampled_adamw_update_kernel(Batch<sc
   const int64_t* perm = b.perm[t];
   const scalar_t* values = b.values[t];
   scalar_t* p = b.param[t] + row * R;
-  scalar_t* m = b.exp_avg[t] + row * R;
-  scalar_t* v = b.exp_avg_sq[t] + row * R;
+  opmath_t* m = b.exp_avg[t] + row * R;
+  opmath_t* v = b.exp_avg_sq[t] + row * R;
+  float* w = b.master[t] != nullptr ? b.master[t] + row * R : nullptr;
 
   // Bias corrections in double, as torch does with its Python-float step.
   const double step = static_cast<double>(b.step[t][row]) + 1.0;
@@ -91,15 +99,21 @@ __global__ void __launch_bounds__(kThreads) sampled_adamw_update_kernel(Batch<sc
       const int64_t src = perm != nullptr ? perm[j] : j;
       g += static_cast<opmath_t>(values[src * R + i]);
     }
-    opmath_t param = static_cast<opmath_t>(p[i]) * decay;
-    opmath_t exp_avg = static_cast<opmath_t>(m[i]);
+    opmath_t param = static_cast<opmath_t>(p[i]);
+    if (w != nullptr) {   // the master, unless its rounding is no longer the param (written behind our back)
+      const float master = w[i];
+      if (static_cast<opmath_t>(static_cast<scalar_t>(master)) == param) param = static_cast<opmath_t>(master);
+    }
+    param = param * decay;
+    opmath_t exp_avg = m[i];
     exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg);
-    const opmath_t exp_avg_sq = beta2 * static_cast<opmath_t>(v[i]) + one_minus_beta2 * g * g;
+    const opmath_t exp_avg_sq = beta2 * v[i] + one_minus_beta2 * g * g;
     const opmath_t denom = sqrt(exp_avg_sq) / bc2_sqrt + eps;
     param -= step_size * exp_avg / denom;
     p[i] = static_cast<scalar_t>(param);
-    m[i] = static_cast<scalar_t>(exp_avg);
-    v[i] = static_cast<scalar_t>(exp_avg_sq);
+    if (w != nullptr) w[i] = static_cast<float>(param);
+    m[i] = exp_avg;
+    v[i] = exp_avg_sq;
   }
 }
 
@@ -117,11 +131,12 @@ __global__ void sampled_adamw_step_kernel(Batch<scalar_t> b) {
 
 struct Item {
   at::Tensor param, values, rows, exp_avg, exp_avg_sq, step;
-  std::optional<at::Tensor> perm;
+  std::optional<at::Tensor> perm, master;
 };
 
 template <typename scalar_t>
 void launch(const std::vector<Item>& items, const Hyper& h, cudaStream_t stream) {
+  using opmath_t = at::opmath_type<scalar_t>;
   Batch<scalar_t> b;
   b.count = static_cast<int>(items.size());
   int64_t blocks = 0, entries = 0;
@@ -129,8 +144,9 @@ void launch(const std::vector<Item>& items, const Hyper& h, cudaStream_t stream)
     const Item& it = items[t];
     b.param[t] = it.param.data_ptr<scalar_t>();
     b.values[t] = it.values.data_ptr<scalar_t>();
-    b.exp_avg[t] = it.exp_avg.data_ptr<scalar_t>();
-    b.exp_avg_sq[t] = it.exp_avg_sq.data_ptr<scalar_t>();
+    b.exp_avg[t] = it.exp_avg.data_ptr<opmath_t>();
+    b.exp_avg_sq[t] = it.exp_avg_sq.data_ptr<opmath_t>();
+    b.master[t] = it.master.has_value() ? it.master->data_ptr<float>() : nullptr;
     b.step[t] = it.step.data_ptr<float>();
     b.rows[t] = it.rows.data_ptr<int64_t>();
     b.perm[t] = it.perm.has_value() ? it.perm->data_ptr<int64_t>() : nullptr;
@@ -153,14 +169,15 @@ void launch(const std::vector<Item>& items, const Hyper& h, cudaStream_t stream)
 
 void sampled_adamw_cuda(at::TensorList params, at::TensorList values, at::TensorList rows,
                         const c10::List<std::optional<at::Tensor>>& perms, at::TensorList exp_avgs,
-                        at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
+                        at::TensorList exp_avg_sqs, at::TensorList steps,
+                        const c10::List<std::optional<at::Tensor>>& masters, double lr, double beta1, double beta2,
                         double eps, double weight_decay) {
   const size_t n = params.size();
   TORCH_CHECK(values.size() == n && rows.size() == n && perms.size() == n && exp_avgs.size() == n &&
-                  exp_avg_sqs.size() == n && steps.size() == n,
+                  exp_avg_sqs.size() == n && steps.size() == n && masters.size() == n,
               "sampled_adamw_: all lists must have the same length");
   if (n == 0) return;
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  const c10::cuda::OptionalCUDAGuard guard(params[0].device());
   std::vector<Item> items;
   items.reserve(n);
   for (size_t i = 0; i < n; ++i) {
@@ -169,10 +186,21 @@ void sampled_adamw_cuda(at::TensorList params, at::TensorList values, at::Tensor
                 " must be a contiguous CUDA tensor with at least one dim");
     TORCH_CHECK(p.device() == params[0].device(), "sampled_adamw_: all params must be on one device");
     const int64_t R = p.numel() / std::max<int64_t>(1, p.size(0));
+    const bool half = p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16;
+    const auto state_type = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     for (const at::Tensor* s : {&exp_avgs[i], &exp_avg_sqs[i]}) {
-      TORCH_CHECK(s->device() == p.device() && s->scalar_type() == p.scalar_type() && s->is_contiguous() &&
+      TORCH_CHECK(s->device() == p.device() && s->scalar_type() == state_type && s->is_contiguous() &&
                       s->sizes() == p.sizes(),
-                  "sampled_adamw_: optimizer state ", i, " must match its param (device, dtype, shape, contiguous)");
+                  "sampled_adamw_: moments ", i, " must be contiguous ", state_type,
+                  " tensors of the param's shape on its device");
+    }
+    std::optional<at::Tensor> master = masters.get(i);
+    TORCH_CHECK(master.has_value() == half, "sampled_adamw_: param ", i, " (", p.scalar_type(), ") ",
+                half ? "needs its float32 master rows" : "takes no master rows");
+    if (master.has_value()) {
+      TORCH_CHECK(master->device() == p.device() && master->scalar_type() == at::kFloat &&
+                      master->is_contiguous() && master->sizes() == p.sizes(),
+                  "sampled_adamw_: master ", i, " must be a contiguous float32 tensor of the param's shape");
     }
     TORCH_CHECK(steps[i].device() == p.device() && steps[i].scalar_type() == at::kFloat && steps[i].dim() == 1 &&
                     steps[i].size(0) == p.size(0) && steps[i].is_contiguous(),
@@ -192,7 +220,7 @@ void sampled_adamw_cuda(at::TensorList params, at::TensorList values, at::Tensor
                   "sampled_adamw_: perm ", i, " must be a contiguous int64 [", r.size(0), "] tensor");
     }
     if (r.numel() == 0 || R == 0) continue;
-    items.push_back(Item{p, g, r, exp_avgs[i], exp_avg_sqs[i], steps[i], perm});
+    items.push_back(Item{p, g, r, exp_avgs[i], exp_avg_sqs[i], steps[i], perm, master});
   }
   const Hyper h{lr, beta1, beta2, eps, weight_decay};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -218,8 +246,8 @@ void sampled_adamw_cuda(at::TensorList params, at::TensorList values, at::Tensor
 TORCH_LIBRARY_FRAGMENT(nitrokernels_cuda, m) {
   m.def(
       "sampled_adamw_(Tensor(a!)[] params, Tensor[] values, Tensor[] rows, Tensor?[] perms, "
-      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay) -> ()");
+      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor(e!)?[] masters, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(nitrokernels_cuda, CUDA, m) {

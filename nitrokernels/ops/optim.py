@@ -1,20 +1,28 @@
 """Sampled AdamW step: AdamW applied only to the rows (dim 0, e.g. heads of a pool) that received gradients.
 
-`sampled_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=, beta1=, beta2=, eps=, weight_decay=)`
-updates, in place, for every parameter `p` [P, ...] the rows `r` present in its gradient:
+`sampled_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, masters=None, lr=, beta1=, beta2=, eps=,
+weight_decay=)` updates, in place, for every parameter `p` [P, ...] the rows `r` present in its gradient:
 
-    grad     sparse COO with sparse_dim 1 (indices = rows, values [n, ...]; repeated rows are summed),
+    grad     sparse COO with sparse_dim 1 (indices = rows, values [n, ...]; repeated rows are summed in entry
+             order, sequentially in the math dtype: a deterministic order, the same on every backend),
              or dense (every row counts as present)
+    w        the row's master value: masters[i][r] (fp32) for bf16/fp16 params, p[r] itself otherwise; a
+             master element whose rounding no longer equals p (p was written behind the optimiser's back,
+             e.g. a re-initialised head) is first re-read from p
     step[r] += 1                                              (per-row float32 counters, steps [P])
-    p[r]    *= 1 - lr * weight_decay                          (decoupled decay, only on present rows)
+    w       *= 1 - lr * weight_decay                          (decoupled decay, only on present rows)
     m[r]     = lerp(m[r], g[r], 1 - beta1);  v[r] = beta2 * v[r] + (1 - beta2) * g[r]^2
-    p[r]    -= lr / (1 - beta1^step[r]) * m[r] / (sqrt(v[r]) / sqrt(1 - beta2^step[r]) + eps)
+    w       -= lr / (1 - beta1^step[r]) * m[r] / (sqrt(v[r]) / sqrt(1 - beta2^step[r]) + eps)
+    p[r]     = round(w) (to p's dtype), masters[i][r] = w
 
-which is torch.optim.AdamW's formula with a step counter per row. Rows absent from the gradient are not
-read or written. Backends (see nitrokernels.ops.dispatch): "cuda_ext" = one multi-tensor launch by row
-index (csrc/heads/sampled_adamw.cu; duplicates handled by sorting the indices on the device, so there is
-no host sync) and "eager" = the plain index_select / index_copy_ reference below (coalesces the sparse
-gradient, which syncs on CUDA).
+which is torch.optim.AdamW's formula with a step counter per row. Moments (and masters) are kept in the math
+dtype: float32 for 16-bit and float32 params, float64 for float64 ones. With bf16 storage alone an update
+smaller than half a bf16 ulp of the weight would be rounded away every step (lr 1e-5 on |w| ~ 0.007) and a
+bf16 second moment stalls once (1 - beta2) g^2 is below its ulp; the fp32 state keeps both.
+Rows absent from the gradient are not read or written. Backends (see nitrokernels.ops.dispatch): "cuda_ext" =
+one multi-tensor launch by row index (csrc/heads/sampled_adamw.cu; duplicates handled by a stable sort of the
+indices on the device, so there is no host sync) and "eager" = the plain index_select / index_copy_ reference
+below (groups the repeated rows on the host, which syncs on CUDA).
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import torch
 from nitrokernels import _ext
 from nitrokernels.ops.dispatch import dispatched_op
 
-__all__ = ["sampled_adamw_", "sampled_adamw_reference_"]
+__all__ = ["sampled_adamw_", "sampled_adamw_reference_", "state_dtype", "needs_master"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -33,21 +41,38 @@ sampled_adamw = dispatched_op("sampled_adamw", "AdamW step on the rows of pooled
 
 
 # ------------------------------------------------------------------------------------------- checks
-def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the moments and master rows of a parameter of `dtype` (its math dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def needs_master(dtype: torch.dtype) -> bool:
+    """Whether a parameter of `dtype` keeps fp32 master rows (16-bit storage)."""
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, masters) -> None:
     n = len(params)
-    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == len(masters) == n):
         raise ValueError(f"sampled_adamw_: list lengths differ: params {n}, grads {len(grads)}, exp_avgs "
-                         f"{len(exp_avgs)}, exp_avg_sqs {len(exp_avg_sqs)}, steps {len(steps)}")
-    for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
+                         f"{len(exp_avgs)}, exp_avg_sqs {len(exp_avg_sqs)}, steps {len(steps)}, masters {len(masters)}")
+    for i, (p, g, m, v, s, w) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps, masters)):
         if p.dim() == 0:
             raise ValueError(f"sampled_adamw_: param {i} is 0-dim; rows are indexed along dim 0")
         if p.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"sampled_adamw_: param {i} has dtype {p.dtype}; supported {_SUPPORTED_DTYPES}")
-        for name, t in (("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
+        sdt = state_dtype(p.dtype)
+        if needs_master(p.dtype) and w is None:
+            raise ValueError(f"sampled_adamw_: param {i} is {p.dtype}: pass its float32 master copy (masters[{i}])")
+        if not needs_master(p.dtype) and w is not None:
+            raise ValueError(f"sampled_adamw_: param {i} is {p.dtype}: it is its own master (masters[{i}] = None)")
+        checks = (("grad", g, p.dtype), ("exp_avg", m, sdt), ("exp_avg_sq", v, sdt)) + \
+            ((("master", w, torch.float32),) if w is not None else ())
+        for name, t, dt in checks:
             if t.shape != p.shape:
                 raise ValueError(f"sampled_adamw_: {name} {i} has shape {tuple(t.shape)}, param {tuple(p.shape)}")
-            if t.dtype != p.dtype:
-                raise TypeError(f"sampled_adamw_: {name} {i} has dtype {t.dtype}, param {p.dtype}")
+            if t.dtype != dt:
+                raise TypeError(f"sampled_adamw_: {name} {i} has dtype {t.dtype}, expected {dt} (param {p.dtype})")
             if t.device != p.device:
                 raise ValueError(f"sampled_adamw_: {name} {i} is on {t.device}, param on {p.device}")
         if g.is_sparse and g.sparse_dim() != 1:
@@ -60,38 +85,59 @@ def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
 
 
 def sampled_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
-                   exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], *, lr: float, beta1: float,
+                   exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
+                   masters: Sequence[torch.Tensor | None] | None = None, *, lr: float, beta1: float,
                    beta2: float, eps: float, weight_decay: float) -> None:
-    """Apply one sampled AdamW step in place (see the module docstring); checks inputs, then dispatches."""
+    """Apply one sampled AdamW step in place (see the module docstring); checks inputs, then dispatches.
+    `masters`: per param its float32 master copy (bf16/fp16 params) or None; default all None."""
     params, grads, exp_avgs, exp_avg_sqs, steps = map(list, (params, grads, exp_avgs, exp_avg_sqs, steps))
-    _check_inputs(params, grads, exp_avgs, exp_avg_sqs, steps)
+    masters = [None] * len(params) if masters is None else list(masters)
+    _check_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, masters)
     if not params:
         return
-    sampled_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=float(lr), beta1=float(beta1),
+    sampled_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr=float(lr), beta1=float(beta1),
                   beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay))
 
 
 # ------------------------------------------------------------------------------------ eager reference
 def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return state_dtype(dtype)
+
+
+def sum_rows_in_order(rows: torch.Tensor, values: torch.Tensor, dtype: torch.dtype):
+    """(unique rows ascending, per-row sums) of a sparse gradient's entries, each sum accumulated sequentially
+    in entry order in `dtype` (((0 + v_a) + v_b) + ...): the order the CUDA kernel uses (stable sort)."""
+    sorted_rows, perm = torch.sort(rows, stable=True)
+    vals = values.index_select(0, perm).to(dtype)
+    uniq, inverse, counts = torch.unique_consecutive(sorted_rows, return_inverse=True, return_counts=True)
+    pos = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[inverse]
+    total = torch.zeros((uniq.numel(),) + tuple(values.shape[1:]), dtype=dtype, device=values.device)
+    for k in range(int(counts.max()) if counts.numel() else 0):   # every target at most once per pass
+        sel = (pos == k).nonzero().view(-1)
+        total.index_add_(0, inverse.index_select(0, sel), vals.index_select(0, sel))
+    return uniq, total
 
 
 @torch.no_grad()
-def sampled_adamw_reference_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
+def sampled_adamw_reference_(params, grads, exp_avgs, exp_avg_sqs, steps, masters=None, *, lr, beta1, beta2, eps,
                              weight_decay) -> None:
     """Plain eager definition: gather the present rows, run AdamW's formula on them, write them back."""
-    for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+    masters = [None] * len(params) if masters is None else masters
+    for p, g, m, v, s, w in zip(params, grads, exp_avgs, exp_avg_sqs, steps, masters):
+        op = _opmath(p.dtype)
         if g.is_sparse:
-            g = g.coalesce()  # sums repeated rows
-            rows, values = g.indices()[0], g.values()
+            rows, grad = sum_rows_in_order(g._indices()[0], g._values(), op)
         else:
-            rows, values = torch.arange(p.shape[0], device=p.device), g
+            rows, grad = torch.arange(p.shape[0], device=p.device), g.to(op)
         if rows.numel() == 0:
             continue
-        op = _opmath(p.dtype)
         shape = (-1,) + (1,) * (p.dim() - 1)
-        grad = values.to(op)
-        param = p.index_select(0, rows).to(op)
+        stored = p.index_select(0, rows)
+        if w is not None:      # the master, unless p was changed behind the optimiser's back
+            master = w.index_select(0, rows)
+            param = torch.where(master.to(p.dtype) == stored, master, stored.to(op))
+        else:
+            param = stored.to(op)
         exp_avg = m.index_select(0, rows).to(op)
         exp_avg_sq = v.index_select(0, rows).to(op)
         step = s.index_select(0, rows) + 1
@@ -109,38 +155,35 @@ def sampled_adamw_reference_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr,
         param.sub_(step_size * exp_avg / denom)
 
         p.index_copy_(0, rows, param.to(p.dtype))
+        if w is not None:
+            w.index_copy_(0, rows, param)
         m.index_copy_(0, rows, exp_avg.to(m.dtype))
         v.index_copy_(0, rows, exp_avg_sq.to(v.dtype))
 
 
 @sampled_adamw.register("eager")
-def _sampled_adamw_eager(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper) -> None:
-    sampled_adamw_reference_(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+def _sampled_adamw_eager(params, grads, exp_avgs, exp_avg_sqs, steps, masters, **hyper) -> None:
+    sampled_adamw_reference_(params, grads, exp_avgs, exp_avg_sqs, steps, masters, **hyper)
 
 
 # ------------------------------------------------------------------------------------ CUDA extension
-def _cuda_reasons(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper) -> list[str]:
+def _cuda_reasons(params, grads, exp_avgs, exp_avg_sqs, steps, masters, **hyper) -> list[str]:
     reasons = []
     if not hasattr(torch.ops.nitrokernels_cuda, "sampled_adamw_"):
         return ["the built extension has no sampled_adamw_ kernel (rebuild nitrokernels)"]
-    for i, (p, m, v) in enumerate(zip(params, exp_avgs, exp_avg_sqs)):
-        if not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+    for i, (p, m, v, w) in enumerate(zip(params, exp_avgs, exp_avg_sqs, masters)):
+        if not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous() and (w is None or w.is_contiguous())):
             reasons.append(f"param {i} or its state is not contiguous")
     return reasons
 
 
-@sampled_adamw.register("cuda_ext", check=_cuda_reasons)
-@torch.no_grad()
-def _sampled_adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-                        weight_decay) -> None:
-    assert _ext.extension_available()
+def kernel_arguments(params, grads):
+    """(values, sorted rows, permutations) the CUDA kernel takes: a STABLE sort of each sparse gradient's
+    (uncoalesced) indices keeps the entry count fixed and the summation order the entry order, with no sync."""
     values, rows, perms = [], [], []
     for p, g in zip(params, grads):
         if g.is_sparse:
-            # Sorting the (uncoalesced) indices keeps the entry count fixed: the kernel sums each run of
-            # equal rows in its first entry and skips the others, so nothing here syncs with the host.
-            idx = g._indices()[0]
-            sorted_rows, perm = torch.sort(idx)
+            sorted_rows, perm = torch.sort(g._indices()[0], stable=True)
             values.append(g._values().contiguous())
             rows.append(sorted_rows.contiguous())
             perms.append(perm.contiguous())
@@ -148,8 +191,17 @@ def _sampled_adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta
             values.append(g.contiguous())
             rows.append(torch.arange(p.shape[0], device=p.device))
             perms.append(None)
+    return values, rows, perms
+
+
+@sampled_adamw.register("cuda_ext", check=_cuda_reasons)
+@torch.no_grad()
+def _sampled_adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, steps, masters, *, lr, beta1, beta2, eps,
+                        weight_decay) -> None:
+    assert _ext.extension_available()
+    values, rows, perms = kernel_arguments(params, grads)
     torch.ops.nitrokernels_cuda.sampled_adamw_(params, values, rows, perms, list(exp_avgs), list(exp_avg_sqs),
-                                               list(steps), lr, beta1, beta2, eps, weight_decay)
+                                               list(steps), list(masters), lr, beta1, beta2, eps, weight_decay)
 
 
 @sampled_adamw.set_example
@@ -158,5 +210,5 @@ def _example(device: torch.device):
     g = torch.sparse_coo_tensor(torch.tensor([[3, 1, 3]], device=device), torch.randn(3, 16, 4, device=device), p.shape,
                                 check_invariants=False)
     state = (torch.zeros_like(p), torch.zeros_like(p), torch.zeros(8, device=device))
-    return ([p], [g], [state[0]], [state[1]], [state[2]]), dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                                                                  weight_decay=1e-2)
+    return ([p], [g], [state[0]], [state[1]], [state[2]], [None]), dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                                                                         weight_decay=1e-2)
