@@ -35,13 +35,14 @@ __all__ = ["Instruction", "Loop", "disassemble", "parse", "loops", "hot_loops", 
 # ------------------------------------------------------------------------------ Hopper issue model (per SM)
 SUBPARTITIONS = 4                 # warp schedulers per SM; each issues one warp instruction per cycle
 TENSOR_FLOPS_PER_CYCLE = 4096     # dense 16-bit MMA FLOPs per SM per cycle (989 TFLOP/s / 132 SMs / 1.83 GHz)
+HMMA_FLOPS_PER_CYCLE = 2048       # the same through mma.sync (HMMA, Ampere-style): about half on Hopper (assumed)
 MUFU_CYCLES_PER_WARP_INSTR = 8    # 16 SFU lanes per SM = 4 per sub-partition: 32 lanes / 4
 INT_CYCLES_PER_WARP_INSTR = 2     # 64 INT32 lanes per SM = 16 per sub-partition
 FP32_CYCLES_PER_WARP_INSTR = 1    # 128 FP32 lanes per SM = 32 per sub-partition
 # "well under the MMA time": MUFU + integer pipe cycles of an iteration at most this fraction of its MMA cycles
 ISSUE_BUDGET = 0.5
 
-MMA_OPS = ("HGMMA",)
+MMA_OPS = ("HGMMA", "HMMA")      # warpgroup MMA (sm_90a) and warp-level mma.sync (small tiles fall back to it)
 INT_OPS = {"IADD3", "IMAD", "IMADSP", "IMUL", "LEA", "LEA.HI", "SHF", "SHL", "SHR", "LOP3", "LOP", "ISETP", "IMNMX",
            "IABS", "SEL", "SGXT", "BMSK", "BREV", "FLO", "POPC", "PRMT", "IDP", "IDP4A", "ICMP", "VIADD", "VIMNMX",
            "IADD", "IADD32I", "IMAD32I", "ISCADD", "IMUL32I", "LOP32I", "VIADDMNMX", "I2IP"}
@@ -170,6 +171,7 @@ def hot_loops(instrs: list[Instruction], mma_ops=MMA_OPS) -> list["Loop"]:
 
 
 _SHAPE = re.compile(r"\.(\d+)x(\d+)x(\d+)")
+_HMMA_SHAPE = re.compile(r"HMMA\.(16)(8)(8|16)\b")
 _DEPBAR = re.compile(r"gsb0\s*,\s*(0x[0-9a-fA-F]+|\d+)")
 
 
@@ -179,7 +181,9 @@ class Loop:
     end: int
     instructions: int = 0
     hgmma: int = 0
-    mma_flops: float = 0.0              # per warpgroup per iteration
+    mma_flops: float = 0.0              # HGMMA FLOPs per warpgroup per iteration
+    hmma: int = 0
+    hmma_flops: float = 0.0             # HMMA (mma.sync) FLOPs per warp per iteration
     global_loads: dict = field(default_factory=dict)    # kind -> count
     shared_stores: dict = field(default_factory=dict)
     shared_loads: int = 0
@@ -218,8 +222,8 @@ class Loop:
         per_sub = max(warps, SUBPARTITIONS) / SUBPARTITIONS        # warps sharing one scheduler
         warpgroups = max(warps // 4, 1)
         return {
-            "mma": warpgroups * self.mma_flops / TENSOR_FLOPS_PER_CYCLE,
-            "issue": per_sub * (self.instructions - self.hgmma),
+            "mma": warpgroups * self.mma_flops / TENSOR_FLOPS_PER_CYCLE + warps * self.hmma_flops / HMMA_FLOPS_PER_CYCLE,
+            "issue": per_sub * (self.instructions - self.hgmma - self.hmma),
             "mufu": per_sub * self.mufu * MUFU_CYCLES_PER_WARP_INSTR,
             "convert": per_sub * self.convert * MUFU_CYCLES_PER_WARP_INSTR,
             "integer": per_sub * self.integer * INT_CYCLES_PER_WARP_INSTR,
@@ -237,11 +241,16 @@ def loop_stats(body: list[Instruction], start: int = 0, end: int = 0) -> Loop:
     loop = Loop(start, end, instructions=len(body))
     for ins in body:
         op, base = ins.opcode, ins.base
-        if base in MMA_OPS:
+        if base == "HGMMA":
             loop.hgmma += 1
             m = _SHAPE.search(op)
             if m:
                 loop.mma_flops += 2.0 * int(m.group(1)) * int(m.group(2)) * int(m.group(3))
+        elif base == "HMMA":
+            loop.hmma += 1
+            m = _HMMA_SHAPE.search(op)
+            if m:   # HMMA.16816 = m16 n8 k16, HMMA.1688 = m16 n8 k8
+                loop.hmma_flops += 2.0 * int(m.group(1)) * int(m.group(2)) * int(m.group(3))
         elif base in ("LDG", "LDGSTS", "UTMALDG", "UBLKCP"):
             kind = op if base != "LDG" else _ldg_kind(op)
             loop.global_loads[kind] = loop.global_loads.get(kind, 0) + 1

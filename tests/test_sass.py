@@ -127,3 +127,12 @@ def test_disassembles_a_real_cubin_when_the_tools_are_there():
         pytest.skip("no nvdisasm / cuobjdump")
     with pytest.raises(RuntimeError):
         _sass.disassemble(b"not a cubin")
+
+
+def test_mma_sync_loops_count_at_their_rate():
+    """Small tiles fall back to mma.sync (HMMA, per warp, m16n8k16): found as hot loops, priced at half rate."""
+    loop = _one_loop(GOOD.replace("HGMMA.64x128x16.F32.BF16 R88, gdesc[UR12], R88", "HMMA.16816.F32.BF16 R8, R4, R2, R8")
+                     .replace("HGMMA.64x128x16.F32.BF16 R88, gdesc[UR16], R88, gsb0", "HMMA.16816.F32.BF16 R12, R4, R6, R12"),
+                     "good")
+    assert loop.hgmma == 0 and loop.hmma == 2 and loop.hmma_flops == 2 * (2 * 16 * 8 * 16)
+    assert loop.cycles(4)["mma"] == 4 * loop.hmma_flops / _sass.HMMA_FLOPS_PER_CYCLE
