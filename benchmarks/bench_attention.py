@@ -16,7 +16,8 @@ Attention (B=2, head dim 64, q/k/v as the attention processor makes them: transp
 GEGLU (diffusers FeedForward input layer; SDXL dims 640 -> 2x2560 and 1280 -> 2x5120):
   x [2, 4096, 640] and [2, 1024, 1280] (training batch), and [1, 4096, 640] / [1, 1024, 1280] forward only
   (one-step inference at batch 1). Variants: fused (Triton GEMM + epilogue), eager (F.linear + chunk + gelu *
-  multiply, what diffusers runs), compiled (torch.compile of the eager code, default mode). Floor: the GEMM
+  multiply, what diffusers runs), compiled (torch.compile of the eager code, default mode; left out with
+  NITROKERNELS_BENCH_COMPILE=0). Floor: the GEMM
   FLOPs (x3 for forward+backward) or the bytes of x, W and the output, whichever is larger.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from harness import compile_baselines
 from nitrokernels.kernels.attention import attention_flops
 from nitrokernels.ops.attention import attention
 from nitrokernels.ops.dispatch import use_backend
@@ -131,9 +133,11 @@ def test_geglu(nk_bench, name, backward):
         with use_backend("triton", "geglu"):
             return geglu(x, w, bias)
 
-    compiled = torch.compile(_geglu_eager)
+    impls = {"fused": fused, "eager": _geglu_eager}
+    if compile_baselines():
+        impls["compiled"] = torch.compile(_geglu_eager)
     variants = {}
-    for key, fn in {"fused": fused, "eager": _geglu_eager, "compiled": compiled}.items():
+    for key, fn in impls.items():
         if backward:
             variants[key] = lambda fn=fn: torch.autograd.grad(fn(x, w, bias), (x, w, bias), grad)
         else:

@@ -27,6 +27,8 @@ import os
 import pytest
 import torch
 
+pytest.importorskip("diffusers", reason="the NitroFusion iteration benchmark builds diffusers UNets")
+
 SMALL = os.environ.get("NITROKERNELS_BENCH_SMALL", "0") == "1"
 BATCH = 2 if SMALL else 5
 TEACHER_STEPS = 1

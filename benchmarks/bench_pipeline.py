@@ -25,6 +25,9 @@ import copy
 import pytest
 import torch
 
+pytest.importorskip("diffusers", reason="the pipeline benchmark builds a diffusers StableDiffusionXLPipeline")
+pytest.importorskip("transformers", reason="the pipeline benchmark's text encoders are transformers models")
+
 DTYPE = torch.bfloat16
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
 RESOLUTION = 1024
