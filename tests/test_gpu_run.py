@@ -169,6 +169,7 @@ def test_driver_keeps_going_and_keeps_every_case(tmp_path):
     table_at = max(i for i, line in enumerate(tail) if line.startswith("| case | params |"))
     assert any("| ok.case0 |" in line for line in tail[table_at:])
     assert "skipped (did not fit the budget or could not run): huge" in "\n".join(tail[table_at:])
+    assert all(line.startswith(("|", "skipped (")) or not line for line in tail[table_at:]), tail[table_at:]
     assert tail[table_at - 3].startswith("**")  # the header of the table, after the file list
     # the log holds the children's output as well as the driver's
     log = (out / "gpu_run.log").read_text()
@@ -369,3 +370,15 @@ def test_compile_switch(harness, monkeypatch):
     assert harness.compile_baselines()
     monkeypatch.setenv("NITROKERNELS_BENCH_COMPILE", "0")
     assert not harness.compile_baselines()
+
+
+def test_gpu_run_sh_passes_budget_and_options(tmp_path):
+    suites = [{"name": "one", "cmd": [sys.executable, "-c", "print('suite one ran')"], "estimate_s": 1,
+               "first_case_s": 0.1}]
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_run.sh"), str(out), "30", "--no-build",
+                           "--no-info", "--no-tests", "--suites-json", _suites_json(tmp_path, suites),
+                           "--results-dir", str(tmp_path / "results")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "budget 30 s" in proc.stdout and "suite one ran" in proc.stdout
+    assert sorted(os.listdir(out)) == ["cases.jsonl", "gpu_run.log", "unknown-" + time.strftime("%Y-%m-%d") + ".md"]
