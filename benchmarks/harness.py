@@ -113,19 +113,21 @@ def time_variants(variants: dict[str, Callable[[], object]], *, warmup: int = 5,
     """Median milliseconds of each variant: warm-up, then interleaved timed calls, L2 flushed before each.
 
     Each variant gets at least `reps` timed calls, more (up to `max_reps`) when its calls are so short that
-    `reps` of them would take less than `min_ms_total` in all. The calls of all variants are interleaved:
+    `reps` of them would take less than `min_ms_total` in all (judged from the last warm-up call, which is timed;
+    with warmup=0 one call is made for that). The calls of all variants are interleaved:
     round r times every variant due in that round, starting from variant r mod n.
     """
     clock = clock or CudaClock()
     items = list(variants.items())
-    for _ in range(warmup):
-        for _, fn in items:
-            fn()
-    clock.sync()
-    counts = {}
-    for key, fn in items:  # a short estimate decides how many repetitions a short op needs
-        estimate = _median(_timed(clock, fn, 3))
-        counts[key] = reps if estimate * reps >= min_ms_total else min(max_reps, max(reps, math.ceil(min_ms_total / max(estimate, 1e-4))))
+    estimates = {}
+    for w in range(max(warmup, 1)):  # the last warm-up round is timed: it decides how many repetitions a short op needs
+        for key, fn in items:
+            if w == max(warmup, 1) - 1:
+                estimates[key] = _timed(clock, fn, 1)[0]
+            else:
+                fn()
+    counts = {key: reps if est * reps >= min_ms_total else min(max_reps, max(reps, math.ceil(min_ms_total / max(est, 1e-4))))
+              for key, est in estimates.items()}
     rounds = max(counts.values(), default=0)
     pairs = {key: [] for key, _ in items}
     for r in range(rounds):

@@ -339,11 +339,11 @@ def test_time_variants_flushes_l2_before_every_timed_call_and_interleaves(harnes
     timed = log[log.index("flush"):]
     # every timed call: flush, mark, call, mark -- the flush outside the timed region
     calls = [i for i, e in enumerate(timed) if e in variants]
-    assert len(calls) == 3 * (3 + 4)  # 3 estimate calls + 4 reps per variant
+    assert len(calls) == 3 * (1 + 4)  # the (timed) warm-up call + 4 reps per variant
     for i in calls:
         assert timed[i - 2:i] == ["flush", "mark"] and timed[i + 1] == "mark", timed[i - 2:i + 2]
     # interleaved, in rotated order: the timed rounds are not all one variant first
-    rounds = [e for e in timed[calls[9] - 2:] if e in variants]  # after the estimates
+    rounds = [e for e in timed[calls[3] - 2:] if e in variants]  # after the warm-up
     assert rounds[:6] == ["fused", "eager", "compile", "eager", "compile", "fused"]
 
 
@@ -359,7 +359,7 @@ def test_time_variants_spreads_slow_variant_repetitions(harness):
         return run
     ms = harness.time_variants({k: make(k) for k in durations}, warmup=0, reps=5, min_ms_total=1.0, clock=clock)
     assert ms == pytest.approx(durations)
-    timed = calls[6:]  # after the 3 + 3 estimate calls
+    timed = calls[2:]  # after the one estimate call each (warmup=0)
     assert timed.count("fused") == 100 and timed.count("slow") == 5  # short op: enough reps for 1 ms in all
     positions = [i for i, name in enumerate(timed) if name == "slow"]
     assert positions[0] > 10 and positions[-1] > 80  # spread over the rounds, not bunched at the start
@@ -382,3 +382,18 @@ def test_gpu_run_sh_passes_budget_and_options(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "budget 30 s" in proc.stdout and "suite one ran" in proc.stdout
     assert sorted(os.listdir(out)) == ["cases.jsonl", "gpu_run.log", "unknown-" + time.strftime("%Y-%m-%d") + ".md"]
+
+
+def test_cuda_clock_flush_zeroes_a_buffer_larger_than_the_l2(harness, monkeypatch):
+    import torch
+
+    assert harness.L2_FLUSH_BYTES >= 4 * 60 * 2**20  # the H200's L2 is 60 MB
+    buffer = torch.ones(16, dtype=torch.int32)  # stands in for the 256 MB CUDA buffer
+    monkeypatch.setattr(harness, "_flush_buffer", lambda: buffer)
+    monkeypatch.delenv("NITROKERNELS_BENCH_L2_FLUSH", raising=False)
+    harness.CudaClock().flush()
+    assert int(buffer.sum()) == 0
+    buffer.fill_(1)
+    monkeypatch.setenv("NITROKERNELS_BENCH_L2_FLUSH", "0")
+    harness.CudaClock().flush()
+    assert int(buffer.sum()) == 16
