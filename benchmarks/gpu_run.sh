@@ -5,6 +5,7 @@
 # order (heads first) under a timeout planned against the budget (benchmarks/gpu_driver.py says how).
 # Every case lands in $OUT/cases.jsonl the moment it is measured; the log is $OUT/gpu_run.log; at the end
 # $OUT/<gpu>-<date>.json (also in benchmarks/results/: commit it), .md and .png, and the table is printed last.
+# NITROKERNELS_COMMIT=<hash> names the commit in the results where the tree has no .git.
 # Options: --compile on|off|auto, --suites heads_ops,heads,..., --no-build, --no-tests (see --help).
 set -uo pipefail
 OUT_DIR=${1:-/tmp/nitrokernels-gpu}
