@@ -161,13 +161,45 @@ def test_gpu_grid_layout_under_interpreter(monkeypatch):
     _check_triton_vs_loop(make_pool(2, 4, 8, 16, 1, 4, 1), torch.tensor([1]), 4, 1, 4)
 
 
-def test_gathered_weight_source(monkeypatch):
-    """NITROKERNELS_HEADS_WEIGHTS=gathered: the same kernels read a per-launch [h, 4, 4, I, O] copy."""
-    monkeypatch.setenv("NITROKERNELS_HEADS_WEIGHTS", "gathered")
-    _check_triton_vs_loop(make_pool(5, 6, 16, 16, 2, 1, 2), torch.tensor([4, 0, 4]), 4, 2, 1)
-    monkeypatch.setenv("NITROKERNELS_HEADS_WEIGHTS", "bogus")
-    with pytest.raises(ValueError, match="NITROKERNELS_HEADS_WEIGHTS"):
-        _check_triton_vs_loop(make_pool(5, 6, 16, 16, 2, 1, 2), torch.tensor([4]), 4, 2, 1)
+def gemm_storage(w):
+    """A [P, O, I, 4, 4] conv weight re-stored in the kernels' GEMM layout [P, 4, 4, I, O] (HeadPool's parameters):
+    (the [P, 4, 4, I, O] leaf, its [P, O, I, 4, 4] view)."""
+    leaf = w.detach().permute(0, 3, 4, 2, 1).contiguous().requires_grad_(True)
+    return leaf, leaf.permute(0, 4, 3, 1, 2)
+
+
+def test_gemm_layout_weights_are_read_in_place(poisoned, monkeypatch):
+    """Conv weights given as [P, O, I, 4, 4] views of [P, 4, 4, I, O] storage (how HeadPool passes them) are read
+    where they are (no conversion copy), and their sparse gradients reach the storage leaves with contiguous
+    [h, 4, 4, I, O] values; plain [P, O, I, 4, 4] weights (converted per call) give the same numbers."""
+    args = make_pool(5, 6, 16, 16, 2, 1, 2)
+    ids = torch.tensor([4, 0, 4])
+    grad_out = grad_out_for(ids, 2, 16, 2, 1)
+    ref_out, ref_grads = run_loop(leaves(args, torch.float64), ids, 4, grad_out)
+    ops = leaves(args)
+    stored = [gemm_storage(w) for w in ops[1]]
+    seen = []
+    convert = head_kernels._gemm_weights
+
+    def spy(conv_weights, d, lv):
+        out = convert(conv_weights, d, lv)
+        seen.extend(t.data_ptr() == conv_weights[l][d].data_ptr() for t, l in zip(out, lv))
+        return out
+    monkeypatch.setattr(head_kernels, "_gemm_weights", spy)
+    ops = (ops[0], [v for _, v in stored], *ops[2:])
+    with use_backend("triton", "head_stack"):
+        out = head_stack(*ops, ids, 4)
+        grads = torch.autograd.grad(out, [ops[0], *(leaf for leaf, _ in stored), *flat(ops)[3:]], grad_out.float())
+    assert seen and all(seen), "GEMM-layout weights were copied"
+    assert_close_to_reference(out, ref_out, name="logits")
+    assert_close_to_reference(grads[0], ref_grads[0], name="grad feature")
+    for d, (g, r) in enumerate(zip(grads[1:3], ref_grads[1:3])):
+        assert g.is_sparse and g.shape == stored[d][0].shape and g._values().is_contiguous()
+        assert g._indices()[0].tolist() == ids.tolist()
+        assert_close_to_reference(dense(g).permute(0, 4, 3, 1, 2), r, name=f"grad conv_weights[{d}]")
+    for name, g, r in zip(param_names(2)[3:], grads[3:], ref_grads[3:]):
+        assert_close_to_reference(dense(g), r, name=f"grad {name}")
+    assert not hasattr(head_kernels, "weight_source")      # no weight-source choice any more
 
 
 # ===================================================================================== low precision
@@ -563,8 +595,10 @@ def test_launch_count_does_not_grow_with_levels(monkeypatch):
             out.sum().backward()
         results.append((forward, dict(launched)))
     depth = 2
-    assert sum(results[0][0].values()) == 2 * depth + 1          # conv + GroupNorm finish per depth, final
-    assert sum(results[0][1].values()) == 1 + 4 * depth          # final; finish, apply, wgrad, dgrad per depth
+    # conv + GroupNorm finish per depth, normalise+SiLU between depths, final
+    assert sum(results[0][0].values()) == 3 * depth
+    # final; finish, apply, wgrad, dgrad per depth; normalise+SiLU of every deeper layer's input (for its wgrad)
+    assert sum(results[0][1].values()) == 1 + 4 * depth + depth - 1
     assert results[1] == results[0] and results[2] == results[0], results
 
 
@@ -573,15 +607,13 @@ H100_SHARED_LIMIT = 227 * 1024
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["pool", "gathered"])
-def test_kernels_compile_for_h100_without_spills(weights):
+def test_kernels_compile_for_h100_without_spills():
     """Every launch head_levels makes at SDXL head shapes (the 10-level pool in one call, and single levels)
     compiles for sm_90a, fits in shared memory, and (bf16) does not spill registers. Runs tests/sm90_compile.py
     (the heads family) in a subprocess (no interpreter, no GPU)."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_compile.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["NITROKERNELS_HEADS_WEIGHTS"] = weights
     proc = subprocess.run([sys.executable, script, "heads", "bfloat16", "float32"], capture_output=True, text=True,
                           env=env, timeout=1800)
     if proc.returncode and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
@@ -589,7 +621,8 @@ def test_kernels_compile_for_h100_without_spills(weights):
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"kernel"')]
     kernels = {"_conv_fwd_kernel", "_gn_fwd_finish_kernel", "_final_fwd_kernel", "_final_bwd_kernel",
-               "_gn_bwd_finish_kernel", "_gn_bwd_apply_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"}
+               "_gn_bwd_finish_kernel", "_gn_bwd_apply_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel",
+               "_norm_silu_kernel"}
     assert {r["kernel"] for r in results} >= kernels
     # the 10-level SDXL pool in one call: every kernel compiled with 10 levels' tuples (final, layer 1) and
     # the shallower prefixes (6 levels at depth 3, 3 at depth 4)
@@ -599,6 +632,20 @@ def test_kernels_compile_for_h100_without_spills(weights):
         what = f"{r['kernel']} {r['dtype']} {r['constexprs']}"
         assert r["shared"] <= H100_SHARED_LIMIT, f"{what}: {r['shared']} bytes of shared memory"
         assert r["spill_bytes"] <= (0 if r["dtype"] == "bfloat16" else 64), f"{what}: spills {r['spill_bytes']} B"
+
+
+def test_no_recompilation_when_head_counts_change():
+    """Per-level head counts 1..16 in any mix compile NO new kernel: tests/heads_compile_count.py binds every
+    launch of the 10-level SDXL forward + backward with Triton's own binder for sm_90 and counts distinct
+    kernel-cache keys (no GPU; meta tensors)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heads_compile_count.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script, "6"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["keys_first"] > 0 and result["new_per_mix"][1:] == [0] * (len(result["mixes"]) - 1), result
+    assert result["keys_total"] == result["keys_first"], result
 
 
 # ====================================================================================== torch.compile
@@ -636,6 +683,15 @@ def test_torch_compile_fullgraph_eager_backend():
 
 
 # ================================================================================================ GPU
+@pytest.fixture
+def exact_cudnn():
+    """cuDNN without TF32 for the fp64/fp32 references of one test (restored afterwards)."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 def _gpu_case(dtype, channels, size, depth, k, batch=2, heads=(3, 0, 3, 1), hidden=256, pool=4):
     ids = torch.tensor(heads, device="cuda")
     args = make_pool(pool, channels, size, hidden, depth, k, batch, device="cuda")
@@ -655,13 +711,12 @@ def _gpu_case(dtype, channels, size, depth, k, batch=2, heads=(3, 0, 3, 1), hidd
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("channels, size, depth, k", [(320, 64, 4, 4), (1280, 32, 3, 4), (640, 64, 3, 1)])
-def test_gpu_sdxl_level_bf16(channels, size, depth, k):
+def test_gpu_sdxl_level_bf16(poisoned, channels, size, depth, k):
     _gpu_case(torch.bfloat16, channels, size, depth, k)
 
 
 @pytest.mark.gpu
-def test_gpu_fp32():
-    torch.backends.cudnn.allow_tf32 = False   # the fp64 reference runs cuDNN; keep the fp32 check exact
+def test_gpu_fp32(poisoned, exact_cudnn):
     _gpu_case(torch.float32, 320, 32, 3, 4)
 
 

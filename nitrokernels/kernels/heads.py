@@ -80,7 +80,7 @@ def _level_of(sh, hs, L: tl.constexpr):
     """Level (position in the launch's tuples) of sorted head `sh`: hs holds each level's first sorted head."""
     lvl = sh * 0
     for l in tl.static_range(1, L):
-        lvl += (sh >= hs[l]).to(tl.int32)
+        lvl += (sh >= _dec(hs[l])).to(tl.int32)
     return lvl
 
 
@@ -91,6 +91,18 @@ def _pick(vals, lvl, L: tl.constexpr):
     for l in tl.static_range(1, L):
         v = tl.where(lvl == l, vals[l], v)
     return v
+
+
+@triton.jit
+def _dec(v):
+    """A count-dependent int passed encoded as 2 * v + 3 (see _dyn)."""
+    return (v - 3) // 2
+
+
+@triton.jit
+def _pick_dyn(vals, lvl, L: tl.constexpr):
+    """_pick of a tuple of _dyn-encoded ints (first sorted heads, caller offsets, counts)."""
+    return _dec(_pick(vals, lvl, L))
 
 
 @triton.jit
@@ -117,28 +129,25 @@ def _channels(chans, lvl, L: tl.constexpr, C16: tl.constexpr):
 def _pool_row(ids_ptr, lvl, lh, starts, roffs, pools, L: tl.constexpr):
     """Pool row of local head `lh` of level `lvl` (ids[start + lh] - row_offset), clamped into range, and
     whether it was in range (out-of-range ids poison that head's outputs with NaN)."""
-    r = tl.load(ids_ptr + _pick(starts, lvl, L) + lh).to(tl.int64) - _pick(roffs, lvl, L)
+    r = tl.load(ids_ptr + _pick_dyn(starts, lvl, L) + lh).to(tl.int64) - _pick(roffs, lvl, L)
     ok = (r >= 0) & (r < _pick(pools, lvl, L))
     return tl.where(ok, r, 0), ok
 
 
 @triton.jit
-def _w_strides(I, O, GATHERED: tl.constexpr):
-    """(row, o, c, kh, kw) strides of a conv weight: pooled [P, O, I, 4, 4] or gathered [h, 4, 4, I, O]."""
-    if GATHERED:
-        return 16 * I * O, 1, O, 4 * I * O, I * O
-    else:
-        return 16 * I * O, 16 * I, 16, 4, 1
+def _w_strides(I, O):
+    """(row, o, c, kh, kw) strides of a conv weight in the GEMM layout [P, 4, 4, I, O] (output channels
+    contiguous: HeadPool's parameters; the host converts any other layout, see _gemm_weights)."""
+    return 16 * I * O, 1, O, 4 * I * O, I * O
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ids_ptr"])
 def _conv_fwd_kernel(
     xs, ws, biases, ys, hs, starts, roffs, pools, sizes, chans,   # per level: input, weights, bias, out, ints
-    aff_ptr,                                           # [H, B, 2, I] fp32 affine of Y_{d-1} (NORM)
     ids_ptr,                                           # pool ids of all levels (caller order)
     part_ptr,                                          # out: [H, B, TT, O, 3] fp32 (count, tile mean, tile M2)
     B, O, TT,
-    L: tl.constexpr, NORM: tl.constexpr, GATHERED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    L: tl.constexpr, SHARED_X: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BKC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, C16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -153,10 +162,9 @@ def _conv_fwd_kernel(
     t = pid_m % TT
     if t >= tl.cdiv(npix, BM):      # past this level's tiles (grid axis 0 covers the largest level)
         return
-    lh = sh - _pick(hs, lvl, L)
+    lh = sh - _pick_dyn(hs, lvl, L)
     row, id_ok = _pool_row(ids_ptr, lvl, lh, starts, roffs, pools, L)
-    sw_p, sw_o, sw_c, sw_kh, sw_kw = _w_strides(I, O, GATHERED)
-    wrow = lh.to(tl.int64) if GATHERED else row
+    sw_p, sw_o, sw_c, sw_kh, sw_kw = _w_strides(I, O)
     hb = (sh * B + b).to(tl.int64)
 
     rows = t * BM + tl.arange(0, BM)
@@ -166,10 +174,11 @@ def _conv_fwd_kernel(
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < O
 
-    # Layer 1 reads the level's feature [B, S, S, I] (channels-last), deeper layers Y_{d-1} [h, B, S, S, I].
-    x_head = lh if NORM else lh * 0
+    # Layer 1 (SHARED_X) reads the level's feature [B, S, S, I] (channels-last); deeper layers the
+    # materialised activation silu(GroupNorm(Y_{d-1})) [h, B, S, S, I] (_norm_silu_kernel).
+    x_head = lh * 0 if SHARED_X else lh
     x_base = _pick_ptr(xs, lvl, L) + (x_head * B + b).to(tl.int64) * S_in * S_in * I
-    w_base = _pick_ptr(ws, lvl, L) + wrow * sw_p
+    w_base = _pick_ptr(ws, lvl, L) + row * sw_p
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # One flat (channel chunk, tap) loop: a single set of pipelined operand buffers (an unrolled tap loop
     # would give every tl.dot its own shared-memory buffers).
@@ -182,11 +191,6 @@ def _conv_fwd_kernel(
         p_ok = row_ok & (ih >= 0) & (ih < S_in) & (iw >= 0) & (iw < S_in)
         m = p_ok[:, None] & c_ok[None, :]
         a = tl.load(x_base + (ih * S_in + iw)[:, None] * I + cs[None, :], mask=m, other=0.0)
-        if NORM:
-            sc = tl.load(aff_ptr + hb * 2 * I + cs, mask=c_ok, other=0.0)
-            sf = tl.load(aff_ptr + hb * 2 * I + I + cs, mask=c_ok, other=0.0)
-            u = a.to(tl.float32) * sc[None, :] + sf[None, :]
-            a = tl.where(m, u * tl.sigmoid(u), 0.0).to(a.dtype)
         wt = tl.load(w_base + cols[None, :] * sw_o + cs[:, None] * sw_c + (tap // 4) * sw_kh + (tap % 4) * sw_kw,
                      mask=c_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _mma(a, wt, acc, PREC, UPCAST)
@@ -211,7 +215,7 @@ def _conv_fwd_kernel(
     tl.store(pbase + 2, m2, mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ids_ptr"])
 def _gn_fwd_finish_kernel(
     gammas, betas, ntiles, hs, starts, roffs, pools,   # per level: pooled norm weight / bias [P, O], tiles written
     ids_ptr, part_ptr,                                 # partials [H, B, TT, O, 3] (tiles >= ntiles[level] unwritten)
@@ -224,7 +228,7 @@ def _gn_fwd_finish_kernel(
     hb = tl.program_id(0)
     sh = hb // B
     lvl = _level_of(sh, hs, L)
-    row, _ = _pool_row(ids_ptr, lvl, sh - _pick(hs, lvl, L), starts, roffs, pools, L)
+    row, _ = _pool_row(ids_ptr, lvl, sh - _pick_dyn(hs, lvl, L), starts, roffs, pools, L)
     gi = tl.arange(0, BG)
     j = tl.arange(0, BC)
     cs = gi[:, None] * CPG + j[None, :]                                  # [BG, BC] channel index
@@ -261,7 +265,7 @@ def _gn_fwd_finish_kernel(
     tl.store(abase + O, beta - mean[:, None] * scale, mask=c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ids_ptr"])
 def _final_fwd_kernel(
     ys, affs, ws, biases, hs, starts, roffs, pools,    # per level: Y_D [h, B, S, S, I], affine of its depth, ...
     ids_ptr, out_ptr,                                  # out: [H, B] (GLOBAL) or [H, B, S, S], caller order
@@ -274,7 +278,7 @@ def _final_fwd_kernel(
     b = tl.program_id(1)
     sh = tl.program_id(2)
     lvl = _level_of(sh, hs, L)
-    lh = sh - _pick(hs, lvl, L)
+    lh = sh - _pick_dyn(hs, lvl, L)
     row, id_ok = _pool_row(ids_ptr, lvl, lh, starts, roffs, pools, L)
     hb = (sh * B + b).to(tl.int64)
     npix = S * S
@@ -300,7 +304,7 @@ def _final_fwd_kernel(
             wv = tl.load(w_base + cs, mask=c_ok, other=0.0).to(tl.float32)
             acc += a * wv[None, :]
     bias = tl.load(_pick_ptr(biases, lvl, L) + row).to(tl.float32)
-    oh = (_pick(starts, lvl, L) + lh).to(tl.int64) * B + b          # caller-order output row
+    oh = (_pick_dyn(starts, lvl, L) + lh).to(tl.int64) * B + b          # caller-order output row
     if GLOBAL:
         z = tl.sum(tl.sum(acc, axis=1), axis=0) + bias
         z = tl.where(id_ok, z, float("nan"))
@@ -311,7 +315,7 @@ def _final_fwd_kernel(
         tl.store(out_ptr + oh * npix + q, z.to(out_ptr.dtype.element_ty), mask=q_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ids_ptr"])
 def _final_bwd_kernel(
     ys, affs, stats, ws, gus, parts, tts, hs, starts, roffs, pools,   # per level (affine / stats / partials
                                                                      # of the level's own last depth)
@@ -327,10 +331,10 @@ def _final_bwd_kernel(
     b = tl.program_id(1)
     sh = tl.program_id(2)
     lvl = _level_of(sh, hs, L)
-    lh = sh - _pick(hs, lvl, L)
+    lh = sh - _pick_dyn(hs, lvl, L)
     row, id_ok = _pool_row(ids_ptr, lvl, lh, starts, roffs, pools, L)
     hb = (sh * B + b).to(tl.int64)
-    oh = (_pick(starts, lvl, L) + lh).to(tl.int64) * B + b
+    oh = (_pick_dyn(starts, lvl, L) + lh).to(tl.int64) * B + b
     npix = S * S
     off_y = (lh * B + b).to(tl.int64) * npix * I
     y_base = _pick_ptr(ys, lvl, L) + off_y
@@ -382,7 +386,7 @@ def _final_bwd_kernel(
             tl.store(gwp_ptr + (oh * T + pid_t) * I + cs, tl.sum(gz[:, None] * a, axis=0), mask=c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ids_ptr"])
 def _gn_bwd_finish_kernel(
     gammas, sizes, ntiles, hs, starts, roffs, pools,   # per level: pooled norm weight [P, I], map size, tiles
     ids_ptr, part_ptr, stats_ptr,                      # partials [H, B, TT, I, 3] (tiles >= ntiles unwritten), stats
@@ -396,7 +400,7 @@ def _gn_bwd_finish_kernel(
     would cancel heavily: dY sums to zero over every group)."""
     sh = tl.program_id(0)
     lvl = _level_of(sh, hs, L)
-    row, _ = _pool_row(ids_ptr, lvl, sh - _pick(hs, lvl, L), starts, roffs, pools, L)
+    row, _ = _pool_row(ids_ptr, lvl, sh - _pick_dyn(hs, lvl, L), starts, roffs, pools, L)
     S = _pick(sizes, lvl, L)
     npix = (S * S).to(tl.float32)
     n = npix * CPG
@@ -443,6 +447,36 @@ def _gn_bwd_finish_kernel(
 
 
 @triton.jit
+def _norm_silu_kernel(ys, acts, sizes, hs, aff_ptr, B, I,
+                      L: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr):
+    """acts[level] = silu(ys[level] * scale + shift) in the activations' dtype ([h, B, S, S, I], per
+    (head, sample, channel) folded GroupNorm affine): the next layer's input, made ONCE instead of in every
+    A-tile load of its forward and weight-gradient GEMMs."""
+    pid_q = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    hb = tl.program_id(2)
+    sh = hb // B
+    b = hb % B
+    lvl = _level_of(sh, hs, L)
+    S = _pick(sizes, lvl, L)
+    npix = S * S
+    if pid_q * BQ >= npix:
+        return
+    lh = sh - _pick_dyn(hs, lvl, L)
+    q = pid_q * BQ + tl.arange(0, BQ)
+    cs = pid_c * BC + tl.arange(0, BC)
+    c_ok = cs < I
+    m = (q < npix)[:, None] & c_ok[None, :]
+    offs = (lh * B + b).to(tl.int64) * npix * I + q[:, None] * I + cs[None, :]
+    y = tl.load(_pick_ptr(ys, lvl, L) + offs, mask=m, other=0.0)
+    sc = tl.load(aff_ptr + hb.to(tl.int64) * 2 * I + cs, mask=c_ok, other=0.0)
+    sf = tl.load(aff_ptr + hb.to(tl.int64) * 2 * I + I + cs, mask=c_ok, other=0.0)
+    u = y.to(tl.float32) * sc[None, :] + sf[None, :]
+    a_ptr = _pick_ptr(acts, lvl, L)
+    tl.store(a_ptr + offs, (u * tl.sigmoid(u)).to(a_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _gn_bwd_apply_kernel(gs, ys, sizes, hs, coef_ptr, B, I,
                          L: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr):
     """In place on gs[level]: dY = alpha * dU + beta * Y + delta (coefficients per (head, sample, channel))."""
@@ -456,7 +490,7 @@ def _gn_bwd_apply_kernel(gs, ys, sizes, hs, coef_ptr, B, I,
     npix = S * S
     if pid_q * BQ >= npix:
         return
-    lh = sh - _pick(hs, lvl, L)
+    lh = sh - _pick_dyn(hs, lvl, L)
     q = pid_q * BQ + tl.arange(0, BQ)
     cs = pid_c * BC + tl.arange(0, BC)
     c_ok = cs < I
@@ -473,13 +507,13 @@ def _gn_bwd_apply_kernel(gs, ys, sizes, hs, coef_ptr, B, I,
     tl.store(g_ptr + offs, out.to(g_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ids_ptr"])
 def _conv_dgrad_kernel(
     gys, ws, outs, yps, sizes, chans, counts, hs, starts, roffs, pools,   # per level
     osb, osh, osw, osc,                                # per level (SHARED): strides of the feature gradient
     aff_ptr, stats_ptr, part_ptr,                      # (not SHARED) layer d-1: affine, stats, partials out
     ids_ptr, B, O, TM, TT, G, CPG,
-    L: tl.constexpr, SHARED: tl.constexpr, GATHERED: tl.constexpr, CLASSES: tl.constexpr,
+    L: tl.constexpr, SHARED: tl.constexpr, CLASSES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     C16: tl.constexpr,
 ):
@@ -507,13 +541,13 @@ def _conv_dgrad_kernel(
     for cls in range(cls0, cls0 + CLASSES):   # CLASSES input-pixel parity classes per program
         _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh, osw, osc,
                      aff_ptr, stats_ptr, part_ptr, ids_ptr, B, O, TT, G, CPG, lvl, sh, S_in, I, T, b, cls, t,
-                     active, L, SHARED, GATHERED, BM, BN, BKO, PREC, UPCAST)
+                     active, L, SHARED, BM, BN, BKO, PREC, UPCAST)
 
 
 @triton.jit
 def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh, osw, osc,
                  aff_ptr, stats_ptr, part_ptr, ids_ptr, B, O, TT, G, CPG, lvl, sh, S_in, I, T, b, cls, t,
-                 active, L: tl.constexpr, SHARED: tl.constexpr, GATHERED: tl.constexpr, BM: tl.constexpr,
+                 active, L: tl.constexpr, SHARED: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_n = tl.program_id(1)
     ph = cls // 2
@@ -527,21 +561,21 @@ def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh,
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < I
     npo = S_out * S_out
-    sw_p, sw_o, sw_c, sw_kh, sw_kw = _w_strides(I, O, GATHERED)
+    sw_p, sw_o, sw_c, sw_kh, sw_kw = _w_strides(I, O)
     gy_ptr = _pick_ptr(gys, lvl, L)
     w_ptr = _pick_ptr(ws, lvl, L)
 
     if SHARED:
         h_lo = 0
-        h_hi = tl.where(active, _pick(counts, lvl, L), 0)
+        h_hi = tl.where(active, _pick_dyn(counts, lvl, L), 0)
     else:
-        h_lo = sh - _pick(hs, lvl, L)
+        h_lo = sh - _pick_dyn(hs, lvl, L)
         h_hi = tl.where(active, h_lo + 1, h_lo)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for hh in range(h_lo, h_hi):
         row, id_ok = _pool_row(ids_ptr, lvl, hh, starts, roffs, pools, L)
         gy_base = gy_ptr + (hh * B + b).to(tl.int64) * npo * O
-        w_base = w_ptr + (hh if GATHERED else row) * sw_p
+        w_base = w_ptr + row * sw_p
         for kk in range(0, tl.cdiv(O, BKO) * 4):     # flat (output-channel chunk, tap of this parity) loop
             j = kk % 4
             os_ = (kk // 4) * BKO + tl.arange(0, BKO)
@@ -569,7 +603,7 @@ def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh,
     else:
         # GroupNorm + SiLU backward of layer d-1, up to the group reductions (_gn_bwd_finish_kernel).
         hb = (sh * B + b).to(tl.int64)
-        lh = sh - _pick(hs, lvl, L)
+        lh = sh - _pick_dyn(hs, lvl, L)
         ga = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         offs = (lh * B + b).to(tl.int64) * S_in * S_in * I + (qh * S_in + qw)[:, None] * I + cols[None, :]
         yv = tl.load(_pick_ptr(yps, lvl, L) + offs, mask=m, other=0.0).to(tl.float32)
@@ -593,12 +627,13 @@ def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh,
 
 @triton.jit
 def _conv_wgrad_kernel(
-    gys, xs, gws, sizes, chans, hs,                    # per level: dY_d, layer input, out [h, O, I, 4, 4], ints
-    aff_ptr,                                           # [H, B, 2, I] fp32 affine of Y_{d-1} (NORM)
+    gys, xs, gws, sizes, chans, hs,                    # per level: dY_d, layer input, out [h, 4, 4, I, O], ints
     B, O, NC,
-    L: tl.constexpr, NORM: tl.constexpr, TAPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    L: tl.constexpr, SHARED_X: tl.constexpr, TAPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, C16: tl.constexpr,
 ):
+    """dW[tap, c, o] = sum_{b, p} x[b, pix(p, tap), c] * dY[b, p, o]: the GEMM is [c, pixels] x [pixels, o], so
+    the accumulator's fast dimension is o, the GEMM layout's contiguous one (vector stores)."""
     pid0 = tl.program_id(0)
     sh = tl.program_id(2)
     lvl = _level_of(sh, hs, L)
@@ -606,7 +641,7 @@ def _conv_wgrad_kernel(
     pid_o = pid0 // NC
     pid_c = pid0 % NC
     S_in = _pick(sizes, lvl, L)
-    lh = sh - _pick(hs, lvl, L)
+    lh = sh - _pick_dyn(hs, lvl, L)
     os_ = pid_o * BM + tl.arange(0, BM)
     o_ok = os_ < O
     cs = pid_c * BN + tl.arange(0, BN)
@@ -618,42 +653,35 @@ def _conv_wgrad_kernel(
     # nothing (c_ok is all false). Not an early `return`: that puts the GEMM loops in a branch and ptxas spills.
     nb = tl.where(pid_c * BN < I, B, 0)
     for tap in range(tl.program_id(1) * TAPS, tl.program_id(1) * TAPS + TAPS):   # TAPS taps per program
-        _wgrad_tap(gy_ptr, x_ptr, aff_ptr, gw_ptr, B, nb, S_in, I, O, sh, lh, tap, os_, o_ok, cs, c_ok,
-                   NORM, BM, BN, BK, PREC, UPCAST)
+        _wgrad_tap(gy_ptr, x_ptr, gw_ptr, B, nb, S_in, I, O, lh, tap, os_, o_ok, cs, c_ok,
+                   SHARED_X, BM, BN, BK, PREC, UPCAST)
 
 
 @triton.jit
-def _wgrad_tap(gy_ptr, x_ptr, aff_ptr, gw_ptr, B, nb, S_in, I, O, sh, lh, tap, os_, o_ok, cs, c_ok,
-               NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+def _wgrad_tap(gy_ptr, x_ptr, gw_ptr, B, nb, S_in, I, O, lh, tap, os_, o_ok, cs, c_ok,
+               SHARED_X: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                PREC: tl.constexpr, UPCAST: tl.constexpr):
     kh = tap // 4
     kw = tap % 4
     S_out = S_in // 2
     npo = S_out * S_out
-    x_head = lh if NORM else lh * 0     # layer 1 reads the level's feature [B, S, S, I]
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    x_head = lh * 0 if SHARED_X else lh     # layer 1 reads the level's feature [B, S, S, I]
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
     for b in range(nb):
         gy_base = gy_ptr + (lh * B + b).to(tl.int64) * npo * O
         x_base = x_ptr + (x_head * B + b).to(tl.int64) * S_in * S_in * I
-        if NORM:
-            hb = (sh * B + b).to(tl.int64)
-            sc = tl.load(aff_ptr + hb * 2 * I + cs, mask=c_ok, other=0.0)
-            sf = tl.load(aff_ptr + hb * 2 * I + I + cs, mask=c_ok, other=0.0)
         for p0 in range(0, npo, BK):
             ps = p0 + tl.arange(0, BK)
             p_ok = ps < npo
             ih = 2 * (ps // S_out) - 1 + kh
             iw = 2 * (ps % S_out) - 1 + kw
             x_ok = p_ok & (ih >= 0) & (ih < S_in) & (iw >= 0) & (iw < S_in)
-            g = tl.load(gy_base + ps[None, :] * O + os_[:, None], mask=o_ok[:, None] & p_ok[None, :], other=0.0)
-            mx = x_ok[:, None] & c_ok[None, :]
-            a = tl.load(x_base + (ih * S_in + iw)[:, None] * I + cs[None, :], mask=mx, other=0.0)
-            if NORM:
-                u = a.to(tl.float32) * sc[None, :] + sf[None, :]
-                a = tl.where(mx, u * tl.sigmoid(u), 0.0).to(g.dtype)
-            acc = _mma(g, a, acc, PREC, UPCAST)
-    out = gw_ptr + lh.to(tl.int64) * O * I * 16 + os_[:, None] * (I * 16) + cs[None, :] * 16 + tap
-    tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=o_ok[:, None] & c_ok[None, :])
+            g = tl.load(gy_base + ps[:, None] * O + os_[None, :], mask=p_ok[:, None] & o_ok[None, :], other=0.0)
+            a = tl.load(x_base + (ih * S_in + iw)[:, None] * I + cs[None, :], mask=x_ok[:, None] & c_ok[None, :],
+                        other=0.0)
+            acc = _mma(tl.trans(a), g, acc, PREC, UPCAST)
+    out = gw_ptr + lh.to(tl.int64) * 16 * I * O + tap * I * O + cs[:, None] * O + os_[None, :]
+    tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=c_ok[:, None] & o_ok[None, :])
 
 
 # ============================================================================================ host side
@@ -662,8 +690,8 @@ def _wgrad_tap(gy_ptr, x_ptr, aff_ptr, gw_ptr, B, nb, S_in, I, O, sh, lh, tap, o
 # GPU values are a reasonable default for Hopper/Ampere (untuned). The interpreter runs one program at a
 # time with a per-operation overhead, so it gets larger blocks (fewer programs / loop trips).
 # Tests set BLOCK_OVERRIDE to small values to exercise the multi-tile paths (stats combination, K loops).
-GPU_BLOCKS = dict(fwd_m=128, fwd_n=128, fwd_kc=32, fin_p=64, fin_c=64, dg_m=128, dg_n=128, dg_n_epi=64, dg_ko=32,
-                  dg_classes=1, wg_m=128, wg_n=128, wg_k=64, wg_taps=1, ew_q=64, ew_c=128, gn_t=4)
+GPU_BLOCKS = dict(fwd_m=128, fwd_n=256, fwd_kc=64, fin_p=64, fin_c=64, dg_m=128, dg_n=128, dg_n_epi=64, dg_ko=64,
+                  dg_classes=1, wg_m=256, wg_n=128, wg_k=64, wg_taps=1, ew_q=64, ew_c=128, gn_t=4)
 INTERPRETER_BLOCKS = dict(fwd_m=256, fwd_n=128, fwd_kc=64, fin_p=256, fin_c=128, dg_m=256, dg_n=128, dg_n_epi=128,
                           dg_ko=64,
                           dg_classes=4, wg_m=128, wg_n=128, wg_k=1024, wg_taps=16, ew_q=1024, ew_c=128,
@@ -681,22 +709,6 @@ def _cap(name: str) -> int:
     if triton_interpreting():
         return INTERPRETER_BLOCKS[name]
     return (GPU_FP32_BLOCKS if _DTYPE[0] == torch.float32 else GPU_BLOCKS)[name]
-
-
-def weight_source() -> str:
-    """Where the conv kernels read weights from (NITROKERNELS_HEADS_WEIGHTS, read per call):
-
-    "pool"     (default) straight from the pooled [P, O, I, 4, 4] tensors, each head's rows gathered by id
-               inside the kernel; no copy. The GEMM operand is then a stride-16 gather (2-byte loads).
-    "gathered" per launch, the sampled heads' weights are first copied into [h, 4, 4, I, O] (contiguous
-               along the GEMM's N / K dims, 16-byte loads); costs one read + write of the sampled weights
-               and that much transient memory (per level: one copy launch per level and depth). Same kernels
-               (a constexpr picks the weight layout).
-    """
-    source = os.environ.get("NITROKERNELS_HEADS_WEIGHTS", "pool")
-    if source not in ("pool", "gathered"):
-        raise ValueError(f"NITROKERNELS_HEADS_WEIGHTS must be 'pool' or 'gathered', got {source!r}")
-    return source
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -723,6 +735,12 @@ def _dot_mode(dtype: torch.dtype) -> tuple[str, bool]:
 
 def _warps(bm: int, bn: int) -> int:
     return 8 if bm * bn >= 128 * 64 else 4
+
+
+def _stages(bm: int, bn: int, bk: int) -> int:
+    """Pipeline depth: as many operand buffers as fit in ~200 KiB of shared memory (2-byte operands), 2..4."""
+    per_stage = (bm * bk + bk * bn) * 2
+    return max(2, min(4, (200 * 1024) // max(per_stage, 1)))
 
 
 
@@ -760,7 +778,6 @@ class _Plan:
         self.chans = [[w.shape[2] for w in ws] for ws in conv_weights]   # input channels of layer d
         self.dmax = max((self.depths[l] for l in self.order), default=0)   # deepest level with heads
         self.ids = ids
-        self.rows = {}
 
     def at(self, d: int) -> list[int]:
         """Levels (launch order) that have a layer d."""
@@ -769,24 +786,49 @@ class _Plan:
     def heads(self, d: int) -> int:
         return sum(self.counts[l] for l in self.at(d))
 
+    def heads_of(self, lv) -> int:
+        return sum(self.counts[l] for l in lv)
+
     def meta(self, lv) -> tuple[tuple, tuple, tuple, tuple]:
-        """(first sorted head, caller offset, row offset, pool size) per level: what _pool_row needs."""
-        return (tuple(self.first[l] for l in lv), tuple(self.starts[l] for l in lv),
+        """(first sorted head, caller offset, row offset, pool size) per level: what _pool_row needs (the
+        count-dependent first two _dyn-encoded)."""
+        return (_dyn(self.first[l] for l in lv), _dyn(self.starts[l] for l in lv),
                 tuple(self.roffs[l] for l in lv), tuple(self.pools[l] for l in lv))
 
-    def rows_of(self, l: int) -> torch.Tensor:
-        """Clamped pool rows of level l's heads (only the "gathered" weight source needs them on the host)."""
-        if l not in self.rows:
-            s = self.starts[l]
-            self.rows[l] = (self.ids[s:s + self.counts[l]].long() - self.roffs[l]).clamp(0, self.pools[l] - 1)
-        return self.rows[l]
 
-    def weights(self, conv_weights, d: int, lv, gathered: bool) -> tuple:
-        """Layer-d conv weights per level: the pooled tensors, or per-call [h, 4, 4, I, O] copies."""
-        if gathered:
-            return tuple(conv_weights[l][d].index_select(0, self.rows_of(l)).permute(0, 3, 4, 2, 1).contiguous()
-                         for l in lv)
-        return tuple(conv_weights[l][d].contiguous() for l in lv)
+
+def _gemm_weights(conv_weights, d: int, lv) -> tuple:
+    """Layer-d conv weights of the levels `lv` in the kernels' GEMM layout [P, 4, 4, I, O] (output channels
+    contiguous). A [P, O, I, 4, 4]-shaped weight that is a permuted view of such storage (HeadPool passes its
+    [P, 4, 4, I, O] parameters as `w.permute(0, 4, 3, 1, 2)`) costs nothing; any other layout (a plain
+    [P, O, I, 4, 4] tensor) is converted here, a copy of the whole pooled tensor per call."""
+    out = []
+    for l in lv:
+        g = conv_weights[l][d].permute(0, 3, 4, 2, 1)
+        out.append(g if g.is_contiguous() else g.contiguous())
+    return tuple(out)
+
+
+def _norm_silu(plan, ys, aff, d: int, lv, batch: int, channels: int) -> tuple:
+    """silu(GroupNorm(Y_d)) of the levels `lv` (a prefix of the levels at depth d, so `aff` indexes them by
+    the same sorted head), [h, B, S, S, O] in Y's dtype: one launch."""
+    acts = tuple(torch.empty_like(ys[l][d]) for l in lv)
+    out_sizes = tuple(plan.sizes[l][d + 1] for l in lv)
+    eq = _clamp_block(max(out_sizes) ** 2, 16, "ew_q")
+    ec = _clamp_block(channels, 16, "ew_c")
+    _norm_silu_kernel[(triton.cdiv(max(out_sizes) ** 2, eq), triton.cdiv(channels, ec), plan.heads_of(lv) * batch)](
+        tuple(ys[l][d] for l in lv), acts, out_sizes, plan.meta(lv)[0], aff, batch, channels,
+        L=len(lv), BQ=eq, BC=ec, num_warps=4)
+    return acts
+
+
+def _dyn(values) -> tuple:
+    """Per-level ints that depend on the head counts (first sorted heads, caller offsets, counts), encoded as
+    2 * v + 3 for the kernels (decoded by _dec). Triton specialises every int argument -- tuple elements too,
+    where do_not_specialize does not reach -- on == 1 and on divisibility by 16: plain values would compile a
+    new kernel for every count mix. Encoded they are odd and >= 3, so one compiled kernel serves every mix
+    (tests/heads_compile_count.py counts the compiles)."""
+    return tuple(2 * int(v) + 3 for v in values)
 
 
 def _contig(tensors, lv, d=None) -> tuple:
@@ -838,7 +880,6 @@ def levels_forward(features, conv_weights, conv_biases, norm_weights, norm_biase
     dtype, device = features[0].dtype, features[0].device
     prec, upcast = _dot_mode(dtype)
     _DTYPE[0] = dtype
-    gathered = weight_source() == "gathered"
     groups = num_groups
     ys = [[torch.empty((plan.counts[l], batch, plan.sizes[l][d + 1], plan.sizes[l][d + 1], w.shape[1]),
                        dtype=dtype, device=device) for d, w in enumerate(conv_weights[l])]
@@ -862,19 +903,21 @@ def levels_forward(features, conv_weights, conv_biases, norm_weights, norm_biase
         tiles = max(triton.cdiv(n, bm) for n in npix)
         part = torch.empty((heads, batch, tiles, c_out, 3), dtype=torch.float32, device=device)
         _conv_fwd_kernel[(batch * tiles, triton.cdiv(c_out, bn), heads)](
-            tuple(xs[l] for l in lv), plan.weights(conv_weights, d, lv, gathered), _contig(conv_biases, lv, d),
-            tuple(ys[l][d] for l in lv), *plan.meta(lv), sizes, chans, affine[d - 1] if d else part, ids, part,
+            tuple(xs[l] for l in lv), _gemm_weights(conv_weights, d, lv), _contig(conv_biases, lv, d),
+            tuple(ys[l][d] for l in lv), *plan.meta(lv), sizes, chans, ids, part,
             batch, c_out, tiles,
-            L=len(lv), NORM=d > 0, GATHERED=gathered, BM=bm, BN=bn, BKC=bkc, PREC=prec, UPCAST=upcast,
-            C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=3)
+            L=len(lv), SHARED_X=d == 0, BM=bm, BN=bn, BKC=bkc, PREC=prec, UPCAST=upcast,
+            C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=_stages(bm, bn, bkc))
         cpg = c_out // groups
         _gn_fwd_finish_kernel[(heads * batch,)](
             _contig(norm_weights, lv, d), _contig(norm_biases, lv, d), tuple(triton.cdiv(n, bm) for n in npix),
             *plan.meta(lv), ids, part, stats[d],
             affine[d], batch, c_out, tiles, groups, cpg, float(eps),
             L=len(lv), **_gn_blocks(tiles, groups, cpg), num_warps=4)
-        for l in lv:
-            xs[l] = ys[l][d]
+        nxt = plan.at(d + 1)
+        if nxt:        # the next layer's input, normalised + SiLU once (freed after that layer's launch)
+            acts = _norm_silu(plan, ys, affine[d], d, nxt, batch, c_out)
+            xs = dict(zip(nxt, acts))
 
     total = sum(plan.counts)
     lv = plan.order
@@ -900,7 +943,7 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
     """Backward of `levels_forward` from its saved (ys, stats, affine): one launch per kernel type per depth.
 
     Returns (d_features [per level, None where not needed or the level has no heads], dW [l][d] values
-    [h_l, O, I, 4, 4], db[d] / dgamma[d] / dbeta[d] [H_d, O] (launch order), dW_final [H, 1, I, k, k] and
+    [h_l, 4, 4, I, O] (the GEMM layout), db[d] / dgamma[d] / dbeta[d] [H_d, O] (launch order), dW_final [H, 1, I, k, k] and
     db_final [H, 1] (caller order)); parameter gradients are None when not needed.
     """
     ids = ids.contiguous()  # the kernels read ids[i] at ids_ptr + i (a HeadSample can be a strided view)
@@ -909,7 +952,6 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
     dtype, device = features[0].dtype, features[0].device
     prec, upcast = _dot_mode(dtype)
     _DTYPE[0] = dtype
-    gathered = weight_source() == "gathered"
     groups = num_groups
     nlev, dmax, order = len(features), plan.dmax, plan.order
     g_features = [None] * nlev
@@ -980,39 +1022,37 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
 
         sizes = tuple(plan.sizes[l][d] for l in lv)
         chans = tuple(plan.chans[l][d] for l in lv)
-        if d == 0:
-            xs = tuple(_channels_last(features[l]) for l in lv)
-            aff_prev = parts[0]                  # unused placeholder (NORM=False)
-        else:
-            xs = tuple(ys[l][d - 1] for l in lv)
-            aff_prev = affine[d - 1]
         if need_param_grads:
+            if d == 0:
+                xs = tuple(_channels_last(features[l]) for l in lv)
+            else:     # layer d's input silu(GroupNorm(Y_{d-1})), made once for its weight gradient
+                xs = _norm_silu(plan, ys, affine[d - 1], d - 1, lv, batch, plan.chans[lv[0]][d])
             bm = _clamp_block(co, 16, "wg_m")
             bn = _clamp_block(max(chans), 16, "wg_n")
             bk = _clamp_block(max(s // 2 for s in sizes) ** 2, 16, "wg_k")
             nc = triton.cdiv(max(chans), bn)
             for l in lv:
-                g_w[l][d] = torch.empty((plan.counts[l], co, plan.chans[l][d], 4, 4), dtype=dtype, device=device)
+                g_w[l][d] = torch.empty((plan.counts[l], 4, 4, plan.chans[l][d], co), dtype=dtype, device=device)
             taps = _cap("wg_taps")
             _conv_wgrad_kernel[(triton.cdiv(co, bm) * nc, 16 // taps, heads)](
-                gy, xs, tuple(g_w[l][d] for l in lv), sizes, chans, meta[0], aff_prev, batch, co, nc,
-                L=len(lv), NORM=d > 0, TAPS=taps, BM=bm, BN=bn, BK=bk, PREC=prec, UPCAST=upcast,
-                C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=3)
+                gy, xs, tuple(g_w[l][d] for l in lv), sizes, chans, meta[0], batch, co, nc,
+                L=len(lv), SHARED_X=d == 0, TAPS=taps, BM=bm, BN=bn, BK=bk, PREC=prec, UPCAST=upcast,
+                C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=_stages(bn, bm, bk))
+            del xs
         if d == 0:
-            _feature_grads(plan, conv_weights, gus, features, need_feature_grads, g_features, co, gathered,
-                           prec, upcast)
+            _feature_grads(plan, conv_weights, gus, features, need_feature_grads, g_features, co, prec, upcast)
             break
         bm, bn, bko, tiles, classes = dg_cfg[d]
         for l in lv:
             gus[(l, d - 1)] = torch.empty_like(ys[l][d - 1])
         zeros = (0,) * len(lv)
         _conv_dgrad_kernel[(batch * (4 // classes) * tiles, triton.cdiv(max(chans), bn), heads)](
-            gy, plan.weights(conv_weights, d, lv, gathered), tuple(gus[(l, d - 1)] for l in lv),
-            tuple(ys[l][d - 1] for l in lv), sizes, chans, tuple(plan.counts[l] for l in lv), *meta,
+            gy, _gemm_weights(conv_weights, d, lv), tuple(gus[(l, d - 1)] for l in lv),
+            tuple(ys[l][d - 1] for l in lv), sizes, chans, _dyn(plan.counts[l] for l in lv), *meta,
             zeros, zeros, zeros, zeros, affine[d - 1], stats[d - 1], parts[d - 1], ids,
             batch, co, tiles, part_tiles[d - 1], groups, chans[0] // groups,
-            L=len(lv), SHARED=False, GATHERED=gathered, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec,
-            UPCAST=upcast, C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=3)
+            L=len(lv), SHARED=False, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec,
+            UPCAST=upcast, C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=_stages(bm, bn, bko))
 
     if not need_param_grads:
         g_w = [[None] * plan.depths[l] for l in range(nlev)]
@@ -1020,7 +1060,7 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
     return g_features, g_w, g_b, g_gamma, g_beta, g_wf, g_bf
 
 
-def _feature_grads(plan, conv_weights, gus, features, need, g_features, c_out, gathered, prec, upcast):
+def _feature_grads(plan, conv_weights, gus, features, need, g_features, c_out, prec, upcast):
     """Layer 1's data gradient of every level that needs it: one program column (grid axis 2) per level,
     summed over the level's heads inside the GEMM, written in the feature's own memory layout."""
     lv = [l for l in plan.order if need[l]]
@@ -1033,8 +1073,8 @@ def _feature_grads(plan, conv_weights, gus, features, need, g_features, c_out, g
     strides = [tuple(g.stride(i) for g in outs) for i in (0, 2, 3, 1)]      # (b, h, w, c)
     chans = tuple(plan.chans[l][0] for l in lv)
     _conv_dgrad_kernel[(features[0].shape[0] * (4 // classes) * tiles, triton.cdiv(max(chans), bn), len(lv))](
-        tuple(gus[(l, 0)] for l in lv), plan.weights(conv_weights, 0, lv, gathered), outs, outs,
-        tuple(plan.sizes[l][0] for l in lv), chans, tuple(plan.counts[l] for l in lv), *plan.meta(lv),
+        tuple(gus[(l, 0)] for l in lv), _gemm_weights(conv_weights, 0, lv), outs, outs,
+        tuple(plan.sizes[l][0] for l in lv), chans, _dyn(plan.counts[l] for l in lv), *plan.meta(lv),
         *strides, plan.ids, plan.ids, plan.ids, plan.ids, features[0].shape[0], c_out, tiles, 1, 1, 1,
-        L=len(lv), SHARED=True, GATHERED=gathered, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec,
-        UPCAST=upcast, C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=3)
+        L=len(lv), SHARED=True, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec,
+        UPCAST=upcast, C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=_stages(bm, bn, bko))

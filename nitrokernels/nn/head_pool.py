@@ -18,9 +18,14 @@ Every level needs at least one downsampling layer: S must be 4 * 2^k (global) or
 (local) with k >= 1.
 
 Storage. One tensor per layer depth per level, indexed by head along dim 0 (pools.<level>.conv_weight.<d>
-[P, hidden, C_in, 4, 4], conv_bias / norm_weight / norm_bias.<d> [P, hidden], final_weight
-[P, 1, hidden, k, k], final_bias [P, 1]); each head is initialised like torch's Conv2d (uniform in
-+-1/sqrt(fan_in) for weight and bias) and GroupNorm (weight 1, bias 0). The math runs in
+[P, 4, 4, C_in, hidden] -- the GEMM layout (kh, kw, input channel, output channel; output channels
+contiguous), so the kernels load any head's weight tiles with 16-byte copies and write its gradient with
+vector stores, no per-call copy; `conv_weights_oihw(level)` gives torch's [P, hidden, C_in, 4, 4] views of
+them --, conv_bias / norm_weight / norm_bias.<d> [P, hidden], final_weight [P, 1, hidden, k, k], final_bias
+[P, 1]); each head is initialised like torch's Conv2d (uniform in +-1/sqrt(fan_in) for weight and bias) and
+GroupNorm (weight 1, bias 0), on the parameters' device. `as_module` / `load_from_modules` convert to and
+from torch's layers, and a state dict saved with the earlier [P, hidden, C_in, 4, 4] conv weights loads
+(converted on load). The math runs in
 `nitrokernels.ops.head_levels`, all levels in one call (on the Triton backend one launch per kernel type
 per layer depth, whatever the number of levels), which gives these tensors SPARSE COO gradients (rows =
 sampled heads): use `nitrokernels.optim.SampledAdamW` (torch.optim.AdamW rejects sparse gradients).
@@ -119,7 +124,11 @@ class HeadSample(torch.Tensor):
 
 
 class _LevelHeads(nn.Module):
-    """The pooled parameters of one level: one tensor per layer depth, indexed by head along dim 0."""
+    """The pooled parameters of one level: one tensor per layer depth, indexed by head along dim 0; conv
+    weights in the GEMM layout [P, 4, 4, C_in, hidden] (state-dict version 2; version 1 stored
+    [P, hidden, C_in, 4, 4] and is converted when loaded)."""
+
+    _version = 2
 
     def __init__(self, pool_size, in_channels, hidden, depth, final_kernel, device=None, dtype=None):
         super().__init__()
@@ -130,7 +139,7 @@ class _LevelHeads(nn.Module):
         self.norm_bias = nn.ParameterList()
         for d in range(depth):
             cin = in_channels if d == 0 else hidden
-            self.conv_weight.append(nn.Parameter(torch.empty(pool_size, hidden, cin, _KERNEL, _KERNEL, **kw)))
+            self.conv_weight.append(nn.Parameter(torch.empty(pool_size, _KERNEL, _KERNEL, cin, hidden, **kw)))
             self.conv_bias.append(nn.Parameter(torch.empty(pool_size, hidden, **kw)))
             self.norm_weight.append(nn.Parameter(torch.empty(pool_size, hidden, **kw)))
             self.norm_bias.append(nn.Parameter(torch.empty(pool_size, hidden, **kw)))
@@ -138,10 +147,38 @@ class _LevelHeads(nn.Module):
         self.final_bias = nn.Parameter(torch.empty(pool_size, 1, **kw))
 
     def convs(self):
-        """(weight, bias, fan_in) of every conv, in order: the stack, then the final conv."""
-        out = [(w, b, w.shape[2] * w.shape[3] * w.shape[4]) for w, b in zip(self.conv_weight, self.conv_bias)]
+        """(weight as a torch-layout [P, O, I, k, k] view, bias, fan_in) of every conv, in order: the stack,
+        then the final conv."""
+        out = [(w, b, w.shape[2] * w.shape[3] * w.shape[4]) for w, b in zip(self.conv_weights_oihw(), self.conv_bias)]
         w = self.final_weight
         return out + [(w, self.final_bias, w.shape[2] * w.shape[3] * w.shape[4])]
+
+    def conv_weights_oihw(self) -> list[torch.Tensor]:
+        """The conv weights as torch's [P, O, I, 4, 4] (zero-copy permuted views of the parameters; what
+        `nitrokernels.ops.head_levels` takes, and how the kernels read them at no cost)."""
+        return [w.permute(0, 4, 3, 1, 2) for w in self.conv_weight]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Version-1 state dicts hold conv weights as [P, O, I, 4, 4]: convert them to [P, 4, 4, I, O]."""
+        if (local_metadata.get("version") or 1) < 2:
+            for d, w in enumerate(self.conv_weight):
+                key = f"{prefix}conv_weight.{d}"
+                old = state_dict.get(key)
+                if isinstance(old, torch.Tensor) and old.dim() == 5 and \
+                        tuple(old.shape[1:]) == (w.shape[4], w.shape[3], w.shape[1], w.shape[2]):
+                    state_dict[key] = old.permute(0, 3, 4, 2, 1)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _generator_on(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """`generator` when it lives on `device` (or None: the device's default generator), else a generator on
+    `device` seeded by one draw from `generator` (deterministic in its state)."""
+    if generator is None or generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2 ** 62, (), generator=generator, device=generator.device))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _power_of_two_steps(size: int, target: int) -> int | None:
@@ -251,24 +288,31 @@ class HeadPool(nn.Module):
             self._init_rows(level, torch.arange(self.heads_per_level), None)
 
     def _init_rows(self, level: int, rows: torch.Tensor, generator: torch.Generator | None) -> None:
-        """Re-initialise `rows` (a CPU LongTensor of rows of this level) of every tensor of the level."""
+        """Re-initialise `rows` (a LongTensor of rows of this level) of every tensor of the level.
+
+        The values are drawn on the parameters' device (a generator on another device seeds one there: one
+        draw from it), so a GPU pool never draws or copies on the host; in float64 on the CPU (bit-identical
+        to earlier seeded runs) and in the parameters' dtype (float32 for 16-bit ones) elsewhere. Random
+        numbers are drawn in torch's [n, O, I, k, k] order whatever the storage layout."""
         heads = self.pools[level]
         n = rows.numel()
         if n == 0:
             return
+        device = heads.final_bias.device
+        gen = _generator_on(generator, device)
+        index = rows.to(device)
 
         def uniform(shape, bound, like):
-            gen_device = generator.device if generator is not None else like.device
-            values = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float64)
-            return ((values * 2 - 1) * bound).to(device=like.device, dtype=like.dtype)
+            dtype = torch.float64 if device.type == "cpu" else \
+                (like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32)
+            values = torch.rand(shape, generator=gen, device=device, dtype=dtype)
+            return values.mul_(2).sub_(1).mul_(bound).to(like.dtype)
 
-        for weight, bias, fan_in in heads.convs():
+        for weight, bias, fan_in in heads.convs():      # weight: a [P, O, I, k, k] view of the parameter
             bound = 1.0 / math.sqrt(fan_in)
-            index = rows.to(weight.device)
             weight.index_copy_(0, index, uniform((n,) + tuple(weight.shape[1:]), bound, weight))
             bias.index_copy_(0, index, uniform((n,) + tuple(bias.shape[1:]), bound, bias))
         for weight, bias in zip(heads.norm_weight, heads.norm_bias):
-            index = rows.to(weight.device)
             weight.index_fill_(0, index, 1.0)
             bias.index_fill_(0, index, 0.0)
 
@@ -391,7 +435,7 @@ class HeadPool(nn.Module):
         """One head_levels call for every level: level l's heads are pool rows ids[o_l : o_l + counts[l]] -
         row_offsets[l] (o_l = sum(counts[:l])); logits in the order of `ids`."""
         pools = self.pools
-        tensors = [[list(p.conv_weight) for p in pools], [list(p.conv_bias) for p in pools],
+        tensors = [[p.conv_weights_oihw() for p in pools], [list(p.conv_bias) for p in pools],
                    [list(p.norm_weight) for p in pools], [list(p.norm_bias) for p in pools],
                    [p.final_weight for p in pools], [p.final_bias for p in pools]]
         if features[0].dtype != pools[0].final_bias.dtype:  # gather + cast the sampled rows only (_GatherRows)
@@ -400,8 +444,10 @@ class HeadPool(nn.Module):
 
             def cast(t, level):
                 return _GatherRows.apply(t, rows[level], features[0].dtype)
+            tensors[0] = [list(p.conv_weight) for p in pools]       # gathered in their [P, 4, 4, I, O] storage
             tensors = [[[cast(t, level) for t in ts] for level, ts in enumerate(per_level)] for per_level in tensors[:4]] \
                 + [[cast(t, level) for level, t in enumerate(per_level)] for per_level in tensors[4:]]
+            tensors[0] = [[w.permute(0, 4, 3, 1, 2) for w in ws] for ws in tensors[0]]
             ids, row_offsets = torch.arange(ids.numel(), device=ids.device), starts
         return _head_levels(list(features), *tensors, ids, counts, row_offsets, num_groups=self.num_groups,
                             eps=self.eps)
@@ -450,6 +496,12 @@ class HeadPool(nn.Module):
             start += count
 
     # ------------------------------------------------------------------------------- module export
+    def conv_weights_oihw(self, level: int) -> list[torch.Tensor]:
+        """Level `level`'s conv weights as torch's [P, O, I, 4, 4] (zero-copy views of the [P, 4, 4, I, O]
+        parameters): what `nitrokernels.ops.head_levels` / `head_stack` take (the kernels read them at no cost);
+        gradients flow back to the parameters."""
+        return self.pools[level].conv_weights_oihw()
+
     @torch.no_grad()
     def as_module(self, head_id) -> nn.Sequential:
         """A plain nn.Sequential of torch layers holding head `head_id`'s current weights (a copy).
@@ -465,8 +517,8 @@ class HeadPool(nn.Module):
         layers = []
         for d in range(self.depths[level]):
             weight = heads.conv_weight[d]
-            conv = nn.Conv2d(weight.shape[2], self.hidden, _KERNEL, _STRIDE, _PADDING, **kw)
-            conv.weight.copy_(weight[row])
+            conv = nn.Conv2d(weight.shape[3], self.hidden, _KERNEL, _STRIDE, _PADDING, **kw)
+            conv.weight.copy_(weight[row].permute(3, 2, 0, 1))     # [4, 4, I, O] -> [O, I, 4, 4]
             conv.bias.copy_(heads.conv_bias[d][row])
             norm = nn.GroupNorm(self.num_groups, self.hidden, eps=self.eps, **kw)
             norm.weight.copy_(heads.norm_weight[d][row])
@@ -495,7 +547,7 @@ class HeadPool(nn.Module):
             level, row = divmod(head_id, self.heads_per_level)
             heads = self.pools[level]
             for d, (conv, norm) in enumerate(stack):
-                heads.conv_weight[d][row].copy_(conv.weight)
+                heads.conv_weight[d][row].copy_(conv.weight.permute(2, 3, 1, 0))
                 heads.conv_bias[d][row].copy_(conv.bias)
                 heads.norm_weight[d][row].copy_(norm.weight)
                 heads.norm_bias[d][row].copy_(norm.bias)

@@ -38,8 +38,11 @@ input dtype) and its GroupNorm (mean, rstd) [H_d, B, G, 2] and folded affine [H_
 levels of a depth stacked) -- about a third of what the autograd loop keeps (conv input, GroupNorm input
 and output per layer). Normalised + SiLU activations are recomputed where
 they are read (next layer's loads, weight gradients), as are SiLU' and x-hat in the backward epilogues.
-NITROKERNELS_HEADS_WEIGHTS=gathered makes the Triton convs read a per-call [h, 4, 4, I, O] copy of the sampled
-weights instead of gathering from the pool inside the kernel (see kernels/heads.py: weight_source).
+Conv weights may have any strides: the Triton kernels read the GEMM layout [P, 4, 4, I, O] (output channels
+contiguous, 16-byte loads) by pool row. A [P, O, I, 4, 4] view of such storage -- `w.permute(0, 4, 3, 1, 2)` of a
+[P, 4, 4, I, O] tensor, which is how HeadPool stores its weights -- costs nothing; a weight in another layout
+(e.g. a plain contiguous [P, O, I, 4, 4] tensor) is converted once per call (a copy of the pooled tensor). The
+weight gradients' sparse values are [h, 4, 4, I, O] tensors seen as [h, O, I, 4, 4] (a permuted view).
 
 Backends (see ops.dispatch; the dispatch name is "head_stack" for both ops): "triton" (kernels/heads.py:
 grouped implicit-GEMM kernels over all levels at once, weights gathered by id inside the kernels, GroupNorm
@@ -399,7 +402,7 @@ def _eager_levels_backward(grad_out, features, conv_weights, conv_biases, norm_w
             eps, need_feature_grad=need_feature_grads[l], need_param_grads=need_param_grads)
         g_features[l] = gx if need_feature_grads[l] else None
         if need_param_grads:
-            g_w[l] = gw
+            g_w[l] = [g.permute(0, 3, 4, 2, 1).contiguous() for g in gw]     # -> the GEMM layout [h, 4, 4, I, O]
             per_level[l] = (gb, gg, gbe)
             g_wf.append(gwf)
             g_bf.append(gbf)
@@ -521,7 +524,8 @@ def head_levels_bwd(grad_out: Tensor, features: list[Tensor], conv_weights: list
                     depths: list[int], ys: list[Tensor], stats: list[Tensor], affine: list[Tensor], num_groups: int,
                     eps: float, need_feature_grads: list[bool], need_param_grads: bool
                     ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], Tensor, Tensor]:
-    """Dense per-sampled-head gradients: (d_features per level, dW (level-major) [h_l, O, I, 4, 4], db / dgamma /
+    """Dense per-sampled-head gradients: (d_features per level, dW (level-major) [h_l, 4, 4, I, O] (the GEMM
+    layout: output channels contiguous), db / dgamma /
     dbeta per depth [H_d, O] (levels deepest first), dW_final [H, 1, I, k, k], db_final [H, 1] (caller order));
     tensors not asked for (or of levels without heads) come back with 0 elements."""
     args = _unflatten(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights, final_biases,
@@ -538,9 +542,15 @@ def head_levels_bwd(grad_out: Tensor, features: list[Tensor], conv_weights: list
     if not need_param_grads:
         gb, gg, gbe = ([_empty(features[0]) for _ in stats] for _ in range(3))    # distinct: no aliased outputs
         return gx, [_empty(f) for f in conv_weights], gb, gg, gbe, _empty(features[0]), _empty(features[0])
-    flat_w = [w if w is not None else p.new_empty((0, *p.shape[1:]))        # levels without heads
+    flat_w = [w if w is not None else _gemm_empty(p, 0)                     # levels without heads
               for w, p in zip((w for ws in gw for w in ws), conv_weights)]
     return gx, flat_w, list(gb), list(gg), list(gbe), gwf, gbf
+
+
+def _gemm_empty(w: Tensor, count: int) -> Tensor:
+    """Weight-gradient values of `count` heads of the [P, O, I, 4, 4] conv weight w, in the GEMM layout
+    [count, 4, 4, I, O] (contiguous)."""
+    return w.new_empty((count, w.shape[3], w.shape[4], w.shape[2], w.shape[1]))
 
 
 def _fake_backward(grad_out, features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights,
@@ -554,7 +564,7 @@ def _fake_backward(grad_out, features, conv_weights, conv_biases, norm_weights, 
                 [_empty(ref) for _ in stats], _empty(ref), _empty(ref))
     total = ids.shape[0]
     flat_counts = [c for c, d in zip(counts, depths) for _ in range(d)]
-    gw = [ref.new_empty((c, *w.shape[1:])) for c, w in zip(flat_counts, conv_weights)]
+    gw = [_gemm_empty(w, c) for c, w in zip(flat_counts, conv_weights)]
     per_depth = [ref.new_empty((st.shape[0], a.shape[-1])) for st, a in zip(stats, affine)]
     k = final_weights[0].shape[-1]
     return (gx, gw, per_depth, [torch.empty_like(t) for t in per_depth], [torch.empty_like(t) for t in per_depth],
@@ -616,7 +626,9 @@ def _backward(ctx, grad_out, _grad_ys, _grad_stats, _grad_affine):
         rows = (ids[start:start + c].long() - ctx.row_offsets[l]).clamp(0, final_w[l].shape[0] - 1)
         h0 = first.get(l, 0)
         for d in range(depth):
-            grads["w"].append(_sparse(gw[k + d], rows, conv_w[k + d]))
+            # values [h, 4, 4, I, O] (GEMM layout) seen as [h, O, I, 4, 4]: no copy; a HeadPool's
+            # [P, 4, 4, I, O] parameter gets them back contiguous through the permute's backward
+            grads["w"].append(_sparse(gw[k + d].permute(0, 4, 3, 1, 2), rows, conv_w[k + d]))
             for key, stacked, params in (("b", gb, conv_b), ("g", gg, norm_w), ("be", gbe, norm_b)):
                 values = stacked[d][h0:h0 + c] if c else params[k + d].new_empty((0, *params[k + d].shape[1:]))
                 grads[key].append(_sparse(values, rows, params[k + d]))
