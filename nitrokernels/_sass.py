@@ -37,12 +37,15 @@ SUBPARTITIONS = 4                 # warp schedulers per SM; each issues one warp
 TENSOR_FLOPS_PER_CYCLE = 4096     # dense 16-bit MMA FLOPs per SM per cycle (989 TFLOP/s / 132 SMs / 1.83 GHz)
 HMMA_FLOPS_PER_CYCLE = 2048       # the same through mma.sync (HMMA, Ampere-style): about half on Hopper (assumed)
 MUFU_CYCLES_PER_WARP_INSTR = 8    # 16 SFU lanes per SM = 4 per sub-partition: 32 lanes / 4
-INT_CYCLES_PER_WARP_INSTR = 2     # 64 INT32 lanes per SM = 16 per sub-partition
+INT_CYCLES_PER_WARP_INSTR = 2     # 16 lanes per sub-partition on each of the two integer-capable pipes: the ALU
+                                  # (IADD3, LOP3, SHF, ISETP, ...) and the FMA-heavy pipe (IMAD, IMUL); they
+                                  # run in parallel, so a loop's integer cycles are the larger of the two
 FP32_CYCLES_PER_WARP_INSTR = 1    # 128 FP32 lanes per SM = 32 per sub-partition
 # "well under the MMA time": MUFU + integer pipe cycles of an iteration at most this fraction of its MMA cycles
 ISSUE_BUDGET = 0.5
 
 MMA_OPS = ("HGMMA", "HMMA")      # warpgroup MMA (sm_90a) and warp-level mma.sync (small tiles fall back to it)
+IMAD_OPS = {"IMAD", "IMADSP", "IMUL", "IMAD32I", "IMUL32I", "IDP", "IDP4A"}
 INT_OPS = {"IADD3", "IMAD", "IMADSP", "IMUL", "LEA", "LEA.HI", "SHF", "SHL", "SHR", "LOP3", "LOP", "ISETP", "IMNMX",
            "IABS", "SEL", "SGXT", "BMSK", "BREV", "FLO", "POPC", "PRMT", "IDP", "IDP4A", "ICMP", "VIADD", "VIMNMX",
            "IADD", "IADD32I", "IMAD32I", "ISCADD", "IMUL32I", "LOP32I", "VIADDMNMX", "I2IP"}
@@ -193,6 +196,7 @@ class Loop:
     mufu: int = 0
     convert: int = 0
     integer: int = 0
+    integer_fma: int = 0                # of which on the FMA-heavy pipe (IMAD, IMUL)
     fp32: int = 0
     uniform: int = 0
     barriers: int = 0
@@ -226,7 +230,7 @@ class Loop:
             "issue": per_sub * (self.instructions - self.hgmma - self.hmma),
             "mufu": per_sub * self.mufu * MUFU_CYCLES_PER_WARP_INSTR,
             "convert": per_sub * self.convert * MUFU_CYCLES_PER_WARP_INSTR,
-            "integer": per_sub * self.integer * INT_CYCLES_PER_WARP_INSTR,
+            "integer": per_sub * max(self.integer - self.integer_fma, self.integer_fma) * INT_CYCLES_PER_WARP_INSTR,
             "fp32": per_sub * self.fp32 * FP32_CYCLES_PER_WARP_INSTR,
         }
 
@@ -272,6 +276,7 @@ def loop_stats(body: list[Instruction], start: int = 0, end: int = 0) -> Loop:
             loop.convert += 1
         elif base in INT_OPS:
             loop.integer += 1
+            loop.integer_fma += base in IMAD_OPS
         elif base in FP32_OPS:
             loop.fp32 += 1
         elif base in ("BAR", "SYNCS", "MEMBAR", "DEPBAR", "WARPSYNC", "LDGDEPBAR", "ARRIVES"):

@@ -51,7 +51,20 @@ def _add_bench(sub):
     p.add_argument("-k", dest="keyword", default=None, help="pytest -k expression to select cases")
     p.add_argument("--out", default=None, help="also write the results JSON into this folder")
     p.add_argument("--report", action="store_true", help="render the markdown table and PNG chart afterwards")
+    p.add_argument("--predict", action="store_true",
+                   help="no GPU needed: print the static cost model's predicted time and fraction of bf16 peak "
+                        "per launch and in total for every heads benchmark case (benchmarks/cost_model.py: "
+                        "sm_90a SASS of every launch), beside the measured time when a results JSON has one")
     p.set_defaults(func=_run_bench)
+
+
+def _run_predict(args) -> int:
+    script = os.path.join(args.path, "cost_model.py")
+    if not os.path.exists(script):
+        print(f"nitrokernels bench --predict: no {script} (a source checkout is needed)", file=sys.stderr)
+        return 2
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # compiling needs the interpreter off
+    return subprocess.call([sys.executable, script], env=env)
 
 
 def _bench_suites(path: str, names: list[str]) -> list[str]:
@@ -66,6 +79,8 @@ def _bench_suites(path: str, names: list[str]) -> list[str]:
 
 
 def _run_bench(args) -> int:
+    if args.predict:
+        return _run_predict(args)
     import torch
     from tqdm import tqdm
 

@@ -194,11 +194,21 @@ def _key(fn, args, kwargs):
 
 
 # ============================================================================================ heads
+def _gemm_layout_pool() -> bool:
+    """Whether HeadPool stores its conv weights in the GEMM layout [P, 4, 4, I, O] (then it passes the ops the
+    [P, O, I, 4, 4]-shaped view w.permute(0, 4, 3, 1, 2), and so does this recording)."""
+    from nitrokernels.nn.head_pool import HeadPool
+
+    return hasattr(HeadPool, "conv_weights_oihw")
+
+
 def _level_params(dtype, channels, depth, k, hidden, pool):
     conv_w, conv_b, norm_w, norm_b = [], [], [], []
     c_in = channels
+    gemm = _gemm_layout_pool()
     for _ in range(depth):
-        conv_w.append(_meta(pool, hidden, c_in, 4, 4, dtype=dtype))
+        conv_w.append(_meta(pool, 4, 4, c_in, hidden, dtype=dtype).permute(0, 4, 3, 1, 2) if gemm
+                      else _meta(pool, hidden, c_in, 4, 4, dtype=dtype))
         conv_b.append(_meta(pool, hidden, dtype=dtype))
         norm_w.append(_meta(pool, hidden, dtype=dtype))
         norm_b.append(_meta(pool, hidden, dtype=dtype))

@@ -136,10 +136,11 @@ def test_triton_kernels_compile_for_h100(family):
 #    score (+8 per warp for the row maxima / rescales), and integer cycles <= 0.5 x MMA cycles.
 CHAINED_MMA_KERNELS = {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
 HEADS_HOT_LOOP_GAPS = (
-    "heads kernels at issue 14's start: conv_fwd / conv_dgrad load weights with scalar LDG.E.U16 + STS.U16 "
-    "(16 per thread and iteration); 16 of 18 hot loops wait for every MMA group (gsb0, 0x0); GroupNorm+SiLU "
-    "recomputed per A-tile puts MUFU + integer cycles at 2-6x the MMA cycles (e.g. conv_fwd NORM: 512 MUFU + "
-    "900 integer vs 256 MMA cycles per iteration; even wgrad layer 1: 700 integer vs 512 MMA)")
+    "heads kernels at issue 14's start (23 hot loops): 16 stage scalar weight loads through registers "
+    "(LDG.E.U16 + STS.U16, 8-16 per thread and iteration: conv_fwd / conv_dgrad, pool layout); 17 wait for every "
+    "MMA group (gsb0, 0x0) or use mma.sync; all 23 spend over half the MMA time on MUFU + integer pipes "
+    "(GroupNorm+SiLU per A-tile: conv_fwd NORM 512 MUFU + 708 integer vs 256 MMA cycles per iteration; even "
+    "wgrad layer 1, the best loop: 524 integer vs 512 MMA); no local memory")
 
 
 def _hot_loop_problems(family: str, r: dict) -> list[str]:

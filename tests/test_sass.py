@@ -136,3 +136,11 @@ def test_mma_sync_loops_count_at_their_rate():
                      "good")
     assert loop.hgmma == 0 and loop.hmma == 2 and loop.hmma_flops == 2 * (2 * 16 * 8 * 16)
     assert loop.cycles(4)["mma"] == 4 * loop.hmma_flops / _sass.HMMA_FLOPS_PER_CYCLE
+
+
+def test_integer_pipes_run_in_parallel():
+    """IMAD/IMUL issue to the FMA-heavy pipe, IADD3/LOP3/... to the ALU: integer cycles = the busier one."""
+    extra = "".join(f"        /*009{i}*/                   IMAD R{20 + i}, R2, 0x3, RZ ;\n" for i in range(3))
+    loop = _one_loop(GOOD.replace("        /*00a0*/", extra + "        /*00a0*/"), "good")
+    assert loop.integer == 5 and loop.integer_fma == 3
+    assert loop.cycles(4)["integer"] == 3 * _sass.INT_CYCLES_PER_WARP_INSTR
