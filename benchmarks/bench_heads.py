@@ -110,6 +110,11 @@ def test_heads_forward_backward(nk_bench, setup, heads):
 
     local = torch.arange(per_level, device="cuda")
 
+    def conv_weights(level):   # [P, O, I, 4, 4]-shaped conv weights of a level (a view if stored GEMM-major)
+        if hasattr(pool, "conv_weights_oihw"):
+            return list(pool.conv_weights_oihw(level))
+        return list(pool.pools[level].conv_weight)
+
     def batched_eager():   # gradients to the features and the sampled rows (gathered leaves), as fused gets
         outs, leaves = [], []
         for level, p in enumerate(pool.pools):
@@ -118,13 +123,13 @@ def test_heads_forward_backward(nk_bench, setup, heads):
                 leaves.append(leaf)
                 return leaf
             outs.append(head_stack_batched_eager(
-                features[level], [take(w) for w in p.conv_weight], [take(b) for b in p.conv_bias],
+                features[level], [take(w) for w in conv_weights(level)], [take(b) for b in p.conv_bias],
                 [take(w) for w in p.norm_weight], [take(b) for b in p.norm_bias], take(p.final_weight),
                 take(p.final_bias), local, num_groups=pool.num_groups, eps=pool.eps))
         return torch.autograd.grad(torch.cat(outs), features + leaves, grad_out)
 
     def fused_per_level():   # one head_stack call per level, outputs concatenated
-        outs = [head_stack(features[level], list(p.conv_weight), list(p.conv_bias), list(p.norm_weight),
+        outs = [head_stack(features[level], conv_weights(level), list(p.conv_bias), list(p.norm_weight),
                            list(p.norm_bias), p.final_weight, p.final_bias, rows[level], num_groups=pool.num_groups,
                            eps=pool.eps) for level, p in enumerate(pool.pools)]
         return torch.autograd.grad(torch.cat(outs), features + params, grad_out, allow_unused=True)

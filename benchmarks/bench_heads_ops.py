@@ -35,6 +35,7 @@ import pytest
 import torch
 
 import nitrokernels.kernels.heads as heads_kernels
+from nitrokernels.nn.head_pool import HeadPool
 from nitrokernels.ops.dispatch import use_backend
 from nitrokernels.ops.heads import head_stack
 from nitrokernels.ops.reference import head_stack_batched_eager, head_stack_loop_reference
@@ -68,7 +69,10 @@ def make_level(channels: int, size: int, device="cuda"):
     conv_w, conv_b, norm_w, norm_b = [], [], [], []
     c_in = channels
     for _ in range(depth):
-        conv_w.append(param(POOL, HIDDEN, c_in, 4, 4, scale=(c_in * 16) ** -0.5))
+        if GEMM_MAJOR:   # stored as HeadPool stores them ([P, 4, 4, I, O]), passed as the [P, O, I, 4, 4] view
+            conv_w.append(param(POOL, 4, 4, c_in, HIDDEN, scale=(c_in * 16) ** -0.5).permute(0, 4, 3, 1, 2))
+        else:
+            conv_w.append(param(POOL, HIDDEN, c_in, 4, 4, scale=(c_in * 16) ** -0.5))
         conv_b.append(param(POOL, HIDDEN, scale=0.02))
         norm_w.append((1 + param(POOL, HIDDEN, scale=0.1)).detach().requires_grad_(True))
         norm_b.append(param(POOL, HIDDEN, scale=0.1))
@@ -132,6 +136,7 @@ def fused(*args):
 
 
 HAS_WEIGHT_SOURCES = hasattr(heads_kernels, "weight_source")    # the pool / gathered choice (may be removed)
+GEMM_MAJOR = hasattr(HeadPool, "conv_weights_oihw")               # HeadPool keeps conv weights [P, 4, 4, I, O]
 
 
 def graphed(step):
