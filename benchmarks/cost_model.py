@@ -401,18 +401,28 @@ def baseline_ms(heads: int) -> float:
 
 
 # ====================================================================== report
+def _heads_cases(records) -> dict:
+    return {c["params"]["heads"]: c["ms"] for c in records
+            if str(c.get("name", "")).startswith("heads_fwd_bwd") and "heads" in c.get("params", {})}
+
+
 def measured_fused_ms(results_dir: str | None = None) -> dict:
-    """{heads: fused ms} from the newest benchmarks/results/*.json that has heads_fwd_bwd cases."""
+    """{"path", "ms": {heads: {variant: ms}}} from the newest benchmarks/results/*.json (or *.jsonl, the
+    harness's per-case log) that has heads_fwd_bwd cases; {} when none."""
     import glob
 
     results_dir = results_dir or os.path.join(REPO, "benchmarks", "results")
-    for path in sorted(glob.glob(os.path.join(results_dir, "*.json")), key=os.path.getmtime, reverse=True):
+    paths = glob.glob(os.path.join(results_dir, "*.json")) + glob.glob(os.path.join(results_dir, "*.jsonl"))
+    for path in sorted(paths, key=os.path.getmtime, reverse=True):
         try:
-            data = json.load(open(path))
-        except (OSError, ValueError):
+            with open(path) as f:
+                if path.endswith(".jsonl"):
+                    records = [json.loads(line) for line in f if line.strip().startswith("{")]
+                    found = _heads_cases([r for r in records if r.get("type") == "case"])
+                else:
+                    found = _heads_cases(json.load(f).get("cases", []))
+        except (OSError, ValueError, AttributeError):
             continue
-        found = {c["params"]["heads"]: c["ms"] for c in data.get("cases", [])
-                 if c.get("name", "").startswith("heads_fwd_bwd") and "heads" in c.get("params", {})}
         if found:
             return {"path": path, "ms": found}
     return {}
@@ -462,6 +472,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--heads", type=int, nargs="*", default=list(HEADS_CASES))
     parser.add_argument("--json", action="store_true", help="one JSON object per case on stdout")
+    parser.add_argument("--results", default=None, help="folder of results JSON / JSONL to show measured times from "
+                                                        "(default benchmarks/results)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     import tempfile
@@ -475,7 +487,7 @@ def main(argv=None) -> int:
         for pred in preds:
             print(json.dumps(as_json(pred)))
     else:
-        report(preds, measured_fused_ms())
+        report(preds, measured_fused_ms(args.results))
     return 0
 
 

@@ -103,3 +103,14 @@ def test_cli_bench_predict(tmp_path):
 
     args = cli.build_parser(["bench", "--predict"]).parse_args(["bench", "--predict", "--path", str(tmp_path)])
     assert args.predict and cli._run_predict(args) == 2          # no cost_model.py in that folder
+
+
+def test_measured_times_are_found_in_results_json_and_jsonl(tmp_path):
+    assert cost_model.measured_fused_ms(str(tmp_path)) == {}
+    case = {"name": "heads_fwd_bwd[40]", "params": {"heads": 40}, "ms": {"fused": 7.5, "batched+graph": 25.0}}
+    (tmp_path / "h200-2026-12-01.json").write_text(json.dumps({"environment": {}, "cases": [case]}))
+    assert cost_model.measured_fused_ms(str(tmp_path))["ms"] == {40: case["ms"]}
+    (tmp_path / "run.jsonl").write_text(json.dumps({"type": "environment"}) + "\n"
+                                        + json.dumps({"type": "case", **case, "ms": {"fused": 7.0}}) + "\n")
+    os.utime(tmp_path / "run.jsonl", (2e9, 2e9))                 # the newest file wins
+    assert cost_model.measured_fused_ms(str(tmp_path))["ms"] == {40: {"fused": 7.0}}
