@@ -1,10 +1,12 @@
 """DynamicDiscriminator on tiny SDXL-like (text embeddings + added time ids) and digits UNets.
 
 * the backbone features are exactly the UNet's own conv_in / down-block residual / mid outputs;
-* the losses equal a plain loop over the sampled heads (HeadPool.as_module) on re-noised inputs;
+* both losses (both loss forms) equal a plain loop over the sampled heads (HeadPool.as_module) on re-noised
+  inputs; the diagnostics (accuracy, logit gap, head age) are what their names say;
 * gradients reach the fake input only (never the backbone, the real input, or the heads in g_loss);
 * one iteration with the fused head backend (Triton; its CPU interpreter without a GPU) matches the eager one;
-* refresh re-initialises heads and resets their optimiser rows; bad configuration fails at construction.
+* refresh re-initialises heads and resets their optimiser rows, only among heads with enough recorded updates,
+  and resets their ages; bad configuration fails at construction.
 """
 import copy
 
@@ -54,7 +56,8 @@ CONFIGS = {"sdxl": (tiny_sdxl_unet, sdxl_cond, 4), "digits": (tiny_digits_unet, 
 def make(name, **kwargs):
     make_unet, make_cond, channels = CONFIGS[name]
     unet = make_unet()
-    disc = DynamicDiscriminator(unet, **{**HEADS, "pool_sizes": 2, **kwargs})
+    # one t* group per iteration keeps these tests fast; the default (every group) is tested on its own
+    disc = DynamicDiscriminator(unet, **{**HEADS, "pool_sizes": 2, "t_star_sampled": 1, **kwargs})
     return disc, make_cond, channels
 
 
@@ -111,6 +114,8 @@ def test_levels_are_derived_and_validated():
     (dict(t_star=(10, 1000)), "outside"),
     (dict(t_star=(10, 10)), "repeated"),
     (dict(t_star_sampled=5), "t_star_sampled"),
+    (dict(refresh_min_updates=-1), "refresh_min_updates"),
+    (dict(refresh_min_updates=2.5), "refresh_min_updates"),
     (dict(loss="wasserstein"), "loss must be one of"),
     (dict(head_reduction="max"), "head_reduction"),
     (dict(head_backend="cuda"), "head_backend"),
@@ -163,6 +168,8 @@ def test_pool_layout_and_sampling():
     disc_all, _, _ = make("digits", t_star_sampled=None)
     assert disc_all.sample(generator=gen).t_indices == (0, 1, 2, 3)
     assert disc_all.heads_per_iteration == 4 * 5 * 3
+    default = DynamicDiscriminator(tiny_digits_unet(), **HEADS)  # the paper's "a subset per t*": every group
+    assert default.t_star_sampled == 4 and default.sample(generator=gen).t_indices == (0, 1, 2, 3)
 
 
 def _loop_losses(disc, real, fake, cond, uncond, sel, gen_state, loss):
@@ -196,7 +203,30 @@ def _loop_losses(disc, real, fake, cond, uncond, sel, gen_state, loss):
                     d_total += F.softplus(-r).mean() + F.softplus(f).mean()
                 else:
                     d_total += F.relu(1 - r).mean() + F.relu(1 + f).mean()
-    return d_total
+    return d_total, g_total
+
+
+def _loop_g_loss(disc, fake, cond, uncond, sel, gen_state, loss):
+    """g_loss recomputed with a plain loop (float64), the noise drawn as g_loss draws it (fake only)."""
+    gen = torch.Generator(device=fake.device)
+    gen.set_state(gen_state)
+    total = 0.0
+    for ti in sel.t_indices:
+        t = disc.t_star[ti]
+        a = disc.alphas_cumprod[t].double()
+        eps = torch.randn(fake.shape, generator=gen, device=fake.device)
+        noised = (a.sqrt() * fake.double() + (1 - a).sqrt() * eps.double()).float()
+        with torch.no_grad():
+            feats = {tag: [f.double() for f in disc.features(noised, t, **c)] for tag, c in (("cond", cond),
+                                                                                           ("uncond", uncond))}
+        for kind in disc.kinds:
+            pool = disc.pools[disc._key(ti, kind)]
+            fs = feats["uncond" if kind.endswith("unconditional") else "cond"]
+            for head in sel.ids[(ti, kind)].tolist():
+                y = pool.as_module(head).double()(fs[head // pool.heads_per_level])[:, 0].reshape(fake.shape[0], -1)
+                # the generator wants its fakes scored as real: non-saturating -log sigmoid(D), hinge -D
+                total += F.softplus(-y).mean() if loss == "nonsaturating" else (-y).mean()
+    return total
 
 
 def _cat(v):
@@ -215,12 +245,53 @@ def test_d_loss_equals_a_loop_over_the_sampled_heads(name, loss):
     sel = disc.sample(generator=gen, host_generator=torch.Generator().manual_seed(1))
     state = gen.get_state()
     out = disc.d_loss(real, fake, cond, uncond, selection=sel, generator=gen)
-    expected = _loop_losses(disc, real, fake, cond, uncond, sel, state, loss)
+    expected, _ = _loop_losses(disc, real, fake, cond, uncond, sel, state, loss)
     torch.testing.assert_close(out.d_loss.double(), expected, rtol=1e-4, atol=1e-4)
     stats = out.as_floats()
     for kind in KINDS:
         assert stats[f"{kind}/heads"] == 5.0
         assert 0.0 <= stats[f"{kind}/d_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("loss", ["nonsaturating", "hinge"])
+@pytest.mark.parametrize("name", ["sdxl", "digits"])
+def test_g_loss_equals_a_loop_over_the_sampled_heads(name, loss):
+    disc, make_cond, channels = make(name, loss=loss, head_backend="eager", batch_backbone=False)
+    fake = latents(2, channels)
+    cond, uncond = make_cond(2), make_cond(2, True)
+    gen = torch.Generator(device=DEVICE).manual_seed(4)
+    sel = disc.sample(generator=gen, host_generator=torch.Generator().manual_seed(2))
+    state = gen.get_state()
+    out = disc.g_loss(fake, cond, uncond, selection=sel, generator=gen)
+    torch.testing.assert_close(out.g_loss.double(), _loop_g_loss(disc, fake, cond, uncond, sel, state, loss),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_generator_and_discriminator_losses_pull_the_logits_apart():
+    """The signs of the game, independent of any head: making the fake score higher (more "real") lowers the
+    generator loss and raises the discriminator loss, in both loss forms."""
+    for loss in ("nonsaturating", "hinge"):
+        disc, _, _ = make("digits", loss=loss)
+        real = torch.full((3, 2), 0.3)
+        fake = torch.full((3, 2), -0.2, requires_grad=True)
+        g = disc._reduce(disc._g_term(fake))
+        (grad_g,) = torch.autograd.grad(g, fake)
+        lr, lf = disc._d_terms(real, fake)
+        (grad_d,) = torch.autograd.grad(disc._reduce(lr) + disc._reduce(lf), fake)
+        assert (grad_g < 0).all() and (grad_d > 0).all(), loss
+
+
+def test_diagnostics_mean_what_they_say():
+    disc, make_cond, channels = make("digits", head_backend="eager")
+    real, fake = latents(2, channels), latents(2, channels)
+    cond, uncond = make_cond(2), make_cond(2, True)
+    sel = disc.sample(generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        disc.record_updates(sel)
+    out = disc.d_loss(real, fake, cond, uncond, selection=sel, generator=torch.Generator().manual_seed(1)).as_floats()
+    for kind in disc.kinds:
+        assert out[f"{kind}/logit_gap"] == pytest.approx(out[f"{kind}/real_logit"] - out[f"{kind}/fake_logit"], abs=1e-6)
+        assert out[f"{kind}/head_age"] == 3.0
 
 
 def test_batched_and_unbatched_backbone_agree():
@@ -298,7 +369,8 @@ def test_fused_and_eager_heads_give_the_same_iteration(name):
 
 
 def test_refresh_reinitialises_heads_and_their_optimiser_rows():
-    disc, make_cond, channels = make("digits", pool_sizes=4, head_backend="eager", refresh_rate=1.0)
+    disc, make_cond, channels = make("digits", pool_sizes=4, head_backend="eager", refresh_rate=1.0,
+                                     refresh_min_updates=0)
     opt = SampledAdamW(disc.head_parameters(), lr=1e-2)
     sel = disc.sample(generator=torch.Generator().manual_seed(0))
     out = disc.d_loss(latents(2, channels), latents(2, channels), make_cond(2), make_cond(2, True), selection=sel)
@@ -320,6 +392,40 @@ def test_refresh_reinitialises_heads_and_their_optimiser_rows():
     assert disc.refresh(rate=0.0) == 0
     with pytest.raises(ValueError):
         disc.refresh(rate=2.0)
+
+
+def test_refresh_takes_only_heads_with_enough_updates_and_resets_their_ages():
+    disc, make_cond, channels = make("digits", pool_sizes=4, head_backend="eager", refresh_min_updates=2,
+                                     refresh_rate=1.0)
+    assert disc.refresh(generator=torch.Generator().manual_seed(0)) == 0, "no head has been updated yet"
+    sel = disc.sample(generator=torch.Generator().manual_seed(3))
+    old = disc.sample(generator=torch.Generator().manual_seed(4))
+    disc.record_updates(sel)
+    disc.record_updates(sel)
+    disc.record_updates(old)
+    ages = {k: v.clone() for k, v in disc.head_ages().items()}
+    expected_old = {(k, i) for k, v in ages.items() for i in (v >= 2).nonzero().flatten().tolist()}
+    assert len(expected_old) == sum(v.numel() for v in sel.ids.values())
+    before = copy.deepcopy(disc.heads_state_dict())
+    assert disc.refresh(generator=torch.Generator().manual_seed(1)) == len(expected_old)
+    after = disc.heads_state_dict()
+    for key, pool in disc.pools.items():
+        reset = (disc.head_ages()[key] == 0) & (ages[key] >= 2)
+        kept = ages[key] < 2
+        assert torch.equal(disc.head_ages()[key][kept], ages[key][kept]), "young heads keep their age"
+        assert int(reset.sum()) == int((ages[key] >= 2).sum()), "refreshed heads start again at age 0"
+        for head in range(pool.num_heads):
+            level, row = divmod(head, pool.heads_per_level)
+            matches = [n for n in before if n.startswith(f"{key}.pools.{level}.") and "weight" in n]
+            changed = any(not torch.equal(before[n][row], after[n][row]) for n in matches)
+            assert changed == bool(ages[key][head] >= 2), (key, head)
+    # ages travel with the heads' state; an older state without them loads with age 0
+    state = copy.deepcopy(disc.heads_state_dict())
+    other, _, _ = make("digits", pool_sizes=4, head_backend="eager")
+    other.load_heads_state_dict(state)
+    assert all(torch.equal(other.head_ages()[k], v) for k, v in disc.head_ages().items())
+    other.load_heads_state_dict({k: v for k, v in state.items() if not k.startswith("ages.")})
+    assert all(int(v.sum()) == 0 for v in other.head_ages().values())
 
 
 def test_head_dtype_and_state_roundtrip():

@@ -273,17 +273,8 @@ class TimestepShiftLCMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"step {i} expects timestep {self._lcm_list[i]} (LCM) or {self._model_list[i]} (model), "
                              f"got {value}")
 
-        alpha, c_skip, c_out, alpha_next = self._coefficients[i]
-        x = sample.float()
-        out = model_output.float()
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            x0 = (x - (1 - alpha) ** 0.5 * out) / alpha**0.5
-        elif kind == "v_prediction":
-            x0 = alpha**0.5 * x - (1 - alpha) ** 0.5 * out
-        else:
-            x0 = out
-        denoised = c_out * x0 + c_skip * x
+        alpha_next = self._coefficients[i][3]
+        denoised = self.denoise(model_output, i, sample).float()
         if alpha_next is not None:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                  dtype=torch.float32)
@@ -295,6 +286,26 @@ class TimestepShiftLCMScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return prev_sample, denoised
         return TimestepShiftLCMSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
+
+    def denoise(self, model_output: torch.Tensor, step_index: int, sample: torch.Tensor) -> torch.Tensor:
+        """Step `step_index`'s clean estimate (x0 from the model output at the shifted timestep, then LCM's boundary
+        condition), without re-noising or advancing the schedule: what a trainer differentiates through. float32."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before denoise()")
+        if isinstance(step_index, bool) or not isinstance(step_index, numbers.Integral) \
+                or not 0 <= step_index < self.num_inference_steps:
+            raise ValueError(f"denoise: step_index must be an int in [0, {self.num_inference_steps}), got {step_index!r}")
+        alpha, c_skip, c_out, _ = self._coefficients[step_index]
+        x = sample.float()
+        out = model_output.float()
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            x0 = (x - (1 - alpha) ** 0.5 * out) / alpha**0.5
+        elif kind == "v_prediction":
+            x0 = alpha**0.5 * x - (1 - alpha) ** 0.5 * out
+        else:
+            x0 = out
+        return c_out * x0 + c_skip * x
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
                   timesteps: Union[int, torch.Tensor]) -> torch.Tensor:
