@@ -53,17 +53,18 @@ for step in range(args.steps):
     real = digits.teacher_sample(teacher, encoder, labels, steps=4, noise=noise)   # the teacher's multi-step x0
     fake = one_step(student, noise, cond)                                          # gradients reach the student
 
-    selection = disc.sample()                 # one t* group, one head per level per kind, from the pool
+    selection = disc.sample()                 # every t* group, one head per level per kind, from the pool
     d_out = disc.d_loss(real, fake.detach(), cond, uncond, selection=selection)
     d_out.d_loss.backward()                   # sparse gradients: only the sampled heads' rows
     heads_opt.step()
     heads_opt.zero_grad()
+    disc.record_updates(selection)            # head ages: refresh only re-initialises heads that have learnt
 
     g_out = disc.g_loss(fake, cond, uncond, selection=selection)
     g_out.g_loss.backward()                   # through the frozen backbone into `fake`, then the student
     student_opt.step()
     student_opt.zero_grad()
-    disc.refresh(optimizer=heads_opt)         # ~1% of the heads re-initialised, their AdamW state reset
+    disc.refresh(optimizer=heads_opt)         # ~1% of the old-enough heads re-initialised, AdamW rows reset
     if step % 10 == 0 or step == args.steps - 1:
         print(f"step {step:4d}  d_loss {d_out.d_loss.item():.3f}  g_loss {g_out.g_loss.item():.3f}")
 

@@ -1,6 +1,10 @@
 """NitroDistiller on tiny digits and SDXL-like configs.
 
-* the student's one-step x̂0 is exactly TimestepShiftLCMScheduler's 1-step sample (nitro.sampling.sample);
+* the student's one-step x̂0 is exactly TimestepShiftLCMScheduler's 1-step sample (nitro.sampling.sample), and the
+  multi-step training (backward simulation) feeds it exactly the inputs and timesteps the 1-4-step sampler does;
+* the method, not only the plumbing: with the student frozen the discriminator learns to tell real from fake;
+  with the heads frozen the generator loss falls; EMA follows its closed form; grad_accum k x batch b is one
+  batch of k*b; a train step refreshes heads and resets exactly their optimiser rows;
 * a short run with the eager head backend and the same run with the fused (Triton) heads give matching loss
   curves (a convergence check, as kernel libraries do);
 * resuming from a checkpoint reproduces the uninterrupted run's next losses exactly; a corrupt or mismatched
@@ -19,7 +23,9 @@ from nitrokernels.nitro.distiller import (CheckpointError, DistillConfig, NitroD
                                           load_unet_weights, save_image_grid)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DISC = dict(pool_sizes=2, hidden=16, num_groups=4, local_size=4, head_backend="eager")
+# one t* group per iteration and refresh of any head keep these plumbing tests fast and the refresh exercised
+DISC = dict(pool_sizes=2, hidden=16, num_groups=4, local_size=4, head_backend="eager", t_star_sampled=1,
+            refresh_min_updates=0)
 
 
 def tiny_unet(seed=0, **overrides):
@@ -76,7 +82,9 @@ def test_training_changes_student_and_heads_and_logs(tmp_path):
     assert any(not torch.equal(v, d.ema.state_dict()[k]) for k, v in student0.items())
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert {"d_loss", "g_loss", "grad_norm", "global_conditional/d_accuracy", "local_unconditional/g_loss"} <= set(rows[0])
+    assert {"d_loss", "g_loss", "grad_norm", "global_conditional/d_accuracy", "local_unconditional/g_loss",
+            "d_accuracy", "logit_gap", "head_age", "global_conditional/logit_gap", "local_conditional/head_age",
+            "student_t"} <= set(rows[0])
     assert (tmp_path / "samples_000002.png").exists() and (tmp_path / "samples_000003.png").exists()
     assert (tmp_path / "checkpoint.pt").exists()
 
@@ -85,7 +93,10 @@ def test_config_validation():
     for kwargs, match in [(dict(batch_size=0), "batch_size"), (dict(grad_accum=0), "grad_accum"),
                           (dict(shift=0), "shift"), (dict(shift=1001), "shift"), (dict(ema_decay=1.0), "ema_decay"),
                           (dict(grad_clip=0), "grad_clip"), (dict(mixed_precision="fp8"), "mixed_precision"),
-                          (dict(lr_student=-1), "lr_student"), (dict(steps=-1), "steps")]:
+                          (dict(lr_student=-1), "lr_student"), (dict(steps=-1), "steps"),
+                          (dict(d_steps=0), "d_steps"), (dict(train_steps=()), "train_steps"),
+                          (dict(train_steps=(1, 1)), "train_steps"), (dict(train_steps=(0,)), "train_steps"),
+                          (dict(train_steps=4), "train_steps")]:
         with pytest.raises(ValueError, match=match):
             DistillConfig(**kwargs)
     with pytest.raises(ValueError, match="different modules"):
@@ -105,6 +116,185 @@ def test_same_seed_same_run_and_heads_init_from_seed():
     assert losses(a.train()) == losses(b.train())
     c = make(steps=3, seed=1)
     assert losses(c.train()) != losses(a.history)
+
+
+# ------------------------------------------------------------------------------------------ the method
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def test_frozen_student_lets_the_discriminator_learn():
+    """lr_student 0: the fakes stay put, so a working discriminator phase must separate them from the teacher's
+    samples well above chance (0.5) within a few dozen updates. A flipped D-loss sign drives the accuracy to 0;
+    a skipped heads step leaves it at chance."""
+    d = make(steps=30, lr_student=0.0, lr_heads=2e-3, train_steps=(1,),
+             discriminator=dict(pool_sizes={"global_conditional": 1, "local_conditional": 1}, t_star=(250,),
+                                refresh_rate=0.0))
+    student0 = copy.deepcopy(d.student.state_dict())
+    acc = [r["d_accuracy"] for r in d.train()]
+    assert all(torch.equal(v, d.student.state_dict()[k]) for k, v in student0.items()), "the student is frozen"
+    assert _mean(acc[-10:]) >= 0.8, acc
+    assert _mean(acc[-10:]) > _mean(acc[:3]) + 0.15, acc
+
+
+def test_frozen_heads_let_the_generator_loss_fall():
+    """lr_heads 0, no refresh and one head per level: the student plays against fixed heads, so a working
+    generator phase makes the heads score its samples as more real (the fake logit, measured in the next
+    iteration's discriminator phase, rises) and lowers the generator loss. A flipped G-loss sign lowers the logit
+    (its own, flipped, loss would still fall: the logit is the independent measure)."""
+    d = make(steps=30, lr_heads=0.0, lr_student=2e-3, train_steps=(1,),
+             discriminator=dict(pool_sizes={"global_conditional": 1}, t_star=(250,), refresh_rate=0.0))
+    heads0 = copy.deepcopy(d.disc.heads_state_dict())
+    history = d.train()
+    g = [r["g_loss"] for r in history]
+    fake = [r["global_conditional/fake_logit"] for r in history]
+    assert all(torch.equal(v, d.disc.heads_state_dict()[k]) for k, v in heads0.items() if not k.startswith("ages.")), \
+        "the heads are frozen"
+    assert _mean(fake[-8:]) > _mean(fake[:4]) + 0.05, fake
+    assert _mean(g[-8:]) < _mean(g[:4]) - 0.25, g
+
+
+def test_ema_follows_its_closed_form():
+    """ema_K = decay^K theta_0 + sum_k (1 - decay) decay^(K - k) theta_k over the student's weights theta_k after
+    each step (an inverted decay or a missed update breaks it)."""
+    decay = 0.7
+    d = make(steps=4, ema_decay=decay, lr_student=1e-2)
+    thetas = [{k: v.detach().clone().double() for k, v in d.student.named_parameters()}]
+    d.train(callback=lambda step, result: thetas.append(
+        {k: v.detach().clone().double() for k, v in d.student.named_parameters()}))
+    steps = len(thetas) - 1
+    assert steps == 4
+    for name, value in d.ema.named_parameters():
+        expected = decay ** steps * thetas[0][name]
+        for k in range(1, steps + 1):
+            expected = expected + (1 - decay) * decay ** (steps - k) * thetas[k][name]
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(thetas[0][k], thetas[-1][k]) for k in thetas[0])
+
+
+def _capture_gradients(optimizer, store):
+    def step(*args, **kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    store.append(p.grad.to_dense().clone() if p.grad.is_sparse else p.grad.clone())
+    optimizer.step = step
+
+
+def test_grad_accum_k_micro_batches_equal_one_batch_of_k_b(monkeypatch):
+    """The same 6 images as 3 micro-batches of 2 (grad_accum 3) or one batch of 6: identical gradients for the
+    heads and the student. The discriminator's re-noising is made the identity (alphas_cumprod 1) so both runs
+    see the same inputs whatever order the noise is drawn in."""
+    from nitrokernels.nitro.distiller import _MicroBatch
+
+    k, b = 3, 2
+    noise = torch.randn(k * b, 1, 16, 16, device=DEVICE)
+    bank = tiny_bank()
+    cond, uncond = bank.take(torch.arange(k * b) % 10, DEVICE)
+    grads = {}
+    for accum in (k, 1):
+        disc = dict(alphas_cumprod=torch.ones(1000), refresh_rate=0.0)
+        d = make(steps=1, batch_size=k * b // accum, grad_accum=accum, train_steps=(1,), discriminator=disc)
+        size = k * b // accum
+        chunks = [_MicroBatch(noise[i * size:(i + 1) * size], {n: v[i * size:(i + 1) * size] for n, v in cond.items()},
+                              {n: v[i * size:(i + 1) * size] for n, v in uncond.items()}, 1, 0,
+                              noise[i * size:(i + 1) * size]) for i in range(accum)]
+        monkeypatch.setattr(d, "_micro_batches", lambda chunks=chunks: chunks)
+        heads, student = [], []
+        _capture_gradients(d.opt_heads, heads)
+        _capture_gradients(d.opt_student, student)
+        d.train_step()
+        grads[accum] = (heads, student)
+    (h3, s3), (h1, s1) = grads[k], grads[1]
+    assert len(h3) == len(h1) > 0 and len(s3) == len(s1) > 0
+    for a, b_ in zip(h3 + s3, h1 + s1):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in h1) and any(g.abs().sum() > 0 for g in s1)
+
+
+def test_train_step_refreshes_heads_and_resets_exactly_their_optimiser_rows(monkeypatch):
+    d = make(steps=3, discriminator=dict(pool_sizes=4, refresh_rate=0.3, refresh_min_updates=1))
+    refreshed = []
+    for key, pool in d.disc.pools.items():
+        original = pool.reset_heads_
+
+        def record(ids, *args, key=key, original=original, **kwargs):
+            refreshed.append((key, torch.as_tensor(ids).tolist()))
+            return original(ids, *args, **kwargs)
+
+        monkeypatch.setattr(pool, "reset_heads_", record)
+    selection_seen = []
+    original_record = d.disc.record_updates
+    monkeypatch.setattr(d.disc, "record_updates", lambda sel: (selection_seen.append(sel), original_record(sel)))
+    for _ in range(3):
+        refreshed.clear()
+        selection_seen.clear()
+        ages_before = {k: v.clone() for k, v in d.disc.head_ages().items()}
+        d.train_step()
+        assert refreshed, "refresh_every=1 must refresh heads every step"
+        fresh = {(key, head) for key, ids in refreshed for head in ids}
+        sel = selection_seen[0]
+        updated = {(d.disc._key(ti, kind), h) for (ti, kind), ids in sel.ids.items() for h in ids.tolist()}
+        for key, head in fresh:  # only heads with at least one update are eligible
+            assert ages_before[key][head] >= 1 or (key, head) in updated
+        for key, pool in d.disc.pools.items():
+            ages = d.disc.head_ages()[key]
+            for head in range(pool.num_heads):
+                level, row = divmod(head, pool.heads_per_level)
+                rows_state = [d.opt_heads.state[p] for p in pool.pools[level].parameters() if p in d.opt_heads.state]
+                moved = [float(s["exp_avg"][row].abs().sum()) for s in rows_state]
+                if (key, head) in fresh:
+                    assert int(ages[head]) == 0
+                    assert all(m == 0 for m in moved), "a refreshed head's optimiser rows are reset"
+                    assert all(float(s["step"][row]) == 0 for s in rows_state)
+                elif (key, head) in updated:
+                    assert int(ages[head]) == int(ages_before[key][head]) + 1
+                    assert any(m > 0 for m in moved), "an updated head keeps its optimiser state"
+
+
+def test_multi_step_training_feeds_the_student_what_the_sampler_does():
+    from nitrokernels.nitro.sampling import sample
+
+    d = make(steps=1, train_steps=(1, 2, 4))
+    seen = []
+    handle = d.student.register_forward_pre_hook(lambda m, args: seen.append(int(args[1].reshape(-1)[0])))
+    noise = torch.randn(2, 1, 16, 16, device=DEVICE)
+    cond, _ = d.prompts.take(torch.tensor([3, 4]), DEVICE)
+    allowed = set()
+    with torch.no_grad():
+        for n in (1, 2, 4):
+            seen.clear()
+            sample(lambda x, t: d.student(x, t, **cond).sample, d.student_scheduler, noise, n, None)
+            allowed |= set(seen)
+    assert allowed == {249, 187, 124, 62}
+    # every (steps, index) of the configured step counts is drawn
+    draws = {d._draw_step() for _ in range(200)}
+    assert draws == {(1, 0), (2, 0), (2, 1), (4, 0), (4, 1), (4, 2), (4, 3)}
+    # the simulated input of step i is the sampler's state before step i (same re-noising noise)
+    for steps, index in ((4, 3), (2, 1), (4, 1)):
+        state = d.dev_gen.get_state()
+        x = d.simulate_input(noise, cond, steps, index)
+        gen = torch.Generator(device=DEVICE)
+        gen.set_state(state)
+        sched = d.student_scheduler
+        sched.set_timesteps(steps)
+        ref = noise
+        with torch.no_grad():
+            for lcm, model_t in list(zip(sched.lcm_timesteps.tolist(), sched.model_timesteps.tolist()))[:index]:
+                out = d.student(ref, torch.full((2,), model_t), **cond).sample
+                ref, _ = sched.step(out, lcm, ref, generator=gen, return_dict=False)
+        torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(x, noise)
+    # and training calls the student at those timesteps only, logging which one each micro-batch trained
+    seen.clear()
+    d.config.grad_accum = 4
+    logged = []
+    for _ in range(3):
+        logged += d.train_step()["student_t"]
+    handle.remove()
+    assert set(seen) <= allowed and set(logged) <= allowed and len(set(logged)) > 1
+    one = make(steps=1, train_steps=(1,))
+    assert one.train_step()["student_t"] == [249]
 
 
 # ------------------------------------------------------------------------------------- mixed precision

@@ -144,7 +144,23 @@ def save_samples_png(path: str, rows) -> str:
     return path
 
 
+def _plot_smoothed(ax, steps, values, label, **style):
+    """Raw values faintly, a running mean (1/25 of the run) on top."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    line = ax.plot(steps, values, alpha=0.25, lw=0.8, **style)[0]
+    k = max(1, len(values) // 25)
+    if len(values) >= k > 1:
+        smooth = np.convolve(values, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=1.8, label=label, color=line.get_color())
+    else:
+        line.set_label(label)
+
+
 def save_loss_png(path: str, history: list[dict]) -> str:
+    """Two panels: the losses, and what shows whether the discriminator keeps up (its accuracy per head kind,
+    with chance at 0.5, and the mean age of the heads it used)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,24 +168,54 @@ def save_loss_png(path: str, history: list[dict]) -> str:
     import numpy as np
 
     steps = np.array([r["step"] for r in history])
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
     for key, label in (("d_loss", "discriminator (sampled heads, summed)"), ("g_loss", "generator (student)")):
-        values = np.array([r[key] for r in history])
-        ax.plot(steps, values, alpha=0.3, lw=0.8)
-        k = max(1, len(values) // 25)
-        if len(values) >= k > 1:
-            smooth = np.convolve(values, np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1:], smooth, lw=1.8, label=label, color=ax.lines[-1].get_color())
-        else:
-            ax.lines[-1].set_label(label)
-    ax.set_xlabel("iteration")
+        _plot_smoothed(ax, steps, [r[key] for r in history], label)
     ax.set_ylabel("loss")
     ax.set_title("NitroFusion distillation on the digits")
-    ax.legend()
+    ax.legend(fontsize=8)
+    kinds = sorted({k.split("/")[0] for r in history for k in r if k.endswith("/d_accuracy")})
+    for kind in kinds:
+        _plot_smoothed(ax2, steps, [r.get(f"{kind}/d_accuracy", np.nan) for r in history], f"accuracy, {kind}")
+    ax2.axhline(0.5, color="gray", lw=0.8, ls="--", label="chance")
+    ax2.set_ylabel("discriminator accuracy")
+    ax2.set_xlabel("iteration")
+    if history and "head_age" in history[0]:
+        age = ax2.twinx()
+        age.plot(steps, [r["head_age"] for r in history], color="black", lw=0.8, alpha=0.6, label="mean head age")
+        age.set_ylabel("updates of the sampled heads", fontsize=8)
+        age.legend(loc="lower right", fontsize=8)
+    ax2.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def discriminator_summary(history: list[dict]) -> dict:
+    """Run means of the discriminator diagnostics (overall and per head kind) and their last-quarter means."""
+    if not history:
+        return {}
+    quarter = history[-max(1, len(history) // 4):]
+    keys = sorted(k for k in history[0] if k in ("d_accuracy", "logit_gap", "head_age")
+                  or k.endswith(("/d_accuracy", "/logit_gap")))
+
+    def mean(rows, key):
+        values = [r[key] for r in rows if key in r]
+        return round(sum(values) / len(values), 4) if values else None
+
+    return {"mean": {k: mean(history, k) for k in keys}, "last_quarter": {k: mean(quarter, k) for k in keys}}
+
+
+def format_discriminator_summary(summary: dict) -> str:
+    if not summary:
+        return ""
+    m, q = summary["mean"], summary["last_quarter"]
+    kinds = sorted({k.split("/")[0] for k in m if "/" in k})
+    per_kind = ", ".join(f"{kind} {m[f'{kind}/d_accuracy']:.2f}" for kind in kinds)
+    return (f"discriminator: accuracy {m['d_accuracy']:.2f} over the run (last quarter {q['d_accuracy']:.2f}; chance "
+            f"0.50; {per_kind}), real-fake logit gap {m['logit_gap']:+.2f}, mean age of the sampled heads "
+            f"{m['head_age']:.1f} updates")
 
 
 def run(args) -> int:
@@ -218,8 +264,10 @@ def run(args) -> int:
     eval_seconds = time.time() - t_eval
 
     table = format_table(results)
+    disc_summary = discriminator_summary(history)
     print()
     print(table)
+    print(format_discriminator_summary(disc_summary))
     t1, t25, s1 = results["teacher"][1], results["teacher"][25], results["student"][1]
     print(f"\none-step student vs one-step teacher: accuracy {(s1['accuracy'] - t1['accuracy']) * 100:+.1f} points "
           f"({t1['accuracy'] * 100:.1f}% -> {s1['accuracy'] * 100:.1f}%), Frechet {t1['frechet']:.1f} -> "
@@ -240,6 +288,7 @@ def run(args) -> int:
                     "total": round(time.time() - t_start, 1)},
         "quick": bool(args.quick), "seed": args.seed,
         "final_losses": {k: history[-1][k] for k in ("d_loss", "g_loss")} if history else {},
+        "discriminator": disc_summary, "train_steps": list(config.train_steps), "d_steps": config.d_steps,
     }
     if args.save_student:
         path = digits.asset_path(digits.STUDENT_ASSET) if args.save_student == "__asset__" else args.save_student

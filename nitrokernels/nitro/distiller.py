@@ -9,14 +9,22 @@ adversarially -- no regression term.
 
 One iteration (DistillConfig.steps of them):
   1. draw the heads of this iteration (DynamicDiscriminator.sample: t* groups + heads per level per kind);
-  2. discriminator phase, for each of grad_accum micro-batches: prompts, noise x_T, teacher x0 (multi-step,
-     no grad), student x̂0 (no grad), d_loss backward; then one SampledAdamW step of the sampled heads;
-  3. generator phase, same micro-batches (same noise, prompts): student x̂0 with grad, g_loss through the
-     frozen backbone and the just-updated heads (which stay constant), backward; clip, AdamW step, EMA;
-  4. refresh ~refresh_rate of the pool (re-initialised with their optimiser rows).
-The student is called once, at the shifted timestep s = floor(999 * shift / 1000) on pure noise, and its
-output is turned into x̂0 by TimestepShiftLCMScheduler's 1-step rule, so the trained student samples in
-1-4 steps with that scheduler (nitrokernels.nitro.sampling.sample).
+  2. discriminator phase, d_steps times (DMD2 uses 5 critic updates per generator update): for each of
+     grad_accum fresh micro-batches: prompts, noise x_T, teacher x0 (multi-step, no grad), student x̂0 (no
+     grad), d_loss backward; then one SampledAdamW step of the sampled heads, and their update counts;
+  3. generator phase, on the last discriminator round's micro-batches (same noise, prompts, student inputs):
+     student x̂0 with grad, g_loss through the frozen backbone and the just-updated heads (held constant),
+     backward; clip, AdamW step, EMA;
+  4. refresh ~refresh_rate of the pool among the heads old enough (re-initialised with their optimiser rows).
+
+Which step the student trains ("bottom-up refinement": 1-4 steps from the same weights). With
+train_steps=(1,) the student is always called once, at the shifted timestep floor(999 * shift / 1000) on pure
+noise, and its output becomes x̂0 by TimestepShiftLCMScheduler's 1-step rule. With several step counts (default
+(1, 2, 4)) each micro-batch draws n from train_steps and a step i in [0, n) (uniformly), runs the student's
+first i steps of the n-step schedule without gradient (backward simulation, as DMD2's multi-step models: the
+student's own earlier steps make the input, re-noised to the LCM timestep exactly as the sampler does), and
+trains step i at its model timestep; x̂0 is that step's denoised estimate. So the student is trained at exactly
+the (timestep, input distribution) pairs that nitrokernels.nitro.sampling.sample feeds it at 1..4 steps.
 
 Exact resume: every random draw comes from two generators owned by the distiller (one on the host for
 prompt and t* choices, one on the device for noise and head ids) whose states are checkpointed together
@@ -75,7 +83,8 @@ class DistillConfig:
     student; None = off), ema_decay (None = no EMA), batch_size x grad_accum images per update (paper: 5 x 20).
     Method: shift (timestep shift of the student: it is called at floor(999 * shift / 1000)), teacher_steps and
     teacher_guidance (the teacher's multi-step sampler; guidance 1 = none), refresh_every (iterations between
-    pool refreshes; the rate is the discriminator's refresh_rate).
+    pool refreshes; the rate is the discriminator's refresh_rate), d_steps (discriminator updates per generator
+    update), train_steps (the step counts the student is trained for, by backward simulation; (1,) = one step).
     discriminator: kwargs of DynamicDiscriminator (when the distiller builds it; see its docstring).
     Precision: mixed_precision "no" | "bf16" | "fp16" (autocast of every UNet forward, on CUDA or the CPU;
     fp16 uses a GradScaler, whose state is checkpointed).
@@ -100,6 +109,8 @@ class DistillConfig:
     teacher_steps: int = 4
     teacher_guidance: float = 1.0
     refresh_every: int = 1
+    d_steps: int = 1
+    train_steps: tuple[int, ...] = (1, 2, 4)
     discriminator: dict = field(default_factory=dict)
     mixed_precision: str = "no"
     seed: int = 0
@@ -118,7 +129,7 @@ class DistillConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"DistillConfig.{name} must be an int >= {low}, got {value!r}")
 
-        for name in ("batch_size", "grad_accum", "teacher_steps", "refresh_every", "sample_count"):
+        for name in ("batch_size", "grad_accum", "teacher_steps", "refresh_every", "sample_count", "d_steps"):
             positive_int(name)
         for name in ("steps", "log_every", "sample_every", "checkpoint_every", "warmup_steps"):
             positive_int(name, 0)
@@ -126,6 +137,14 @@ class DistillConfig:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         self.betas_student, self.betas_heads = tuple(self.betas_student), tuple(self.betas_heads)
+        try:
+            self.train_steps = tuple(self.train_steps)
+        except TypeError:
+            raise ValueError(f"DistillConfig.train_steps must be a tuple of step counts, got {self.train_steps!r}") from None
+        if not self.train_steps or any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1000
+                                       for n in self.train_steps) or len(set(self.train_steps)) != len(self.train_steps):
+            raise ValueError(f"DistillConfig.train_steps must be distinct ints in [1, 1000] (e.g. (1, 2, 4) or (1,)), "
+                             f"got {self.train_steps!r}")
         if not 0 < self.shift <= 1000:
             raise ValueError(f"DistillConfig.shift must be in (0, 1000] (NitroSD: 250 Realism, 500 Vibrant), got {self.shift!r}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
@@ -266,6 +285,40 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int = 10, scale: int 
     return path
 
 
+@dataclass
+class _MicroBatch:
+    """One micro-batch: prompts, the starting noise x_T, and the schedule step the student trains on it
+    (`steps`, `index`) with that step's input `x` (x_T itself for index 0)."""
+
+    noise: torch.Tensor
+    cond: Mapping
+    uncond: Mapping | None
+    steps: int
+    index: int
+    x: torch.Tensor
+
+
+def _progress_fields(row: dict) -> dict:
+    """The progress bar's summary of a log row: losses, discriminator accuracy, real-fake logit gap, head age."""
+    fields = {"d": f"{row['d_loss']:.3f}", "g": f"{row['g_loss']:.3f}"}
+    for key, label, fmt in (("d_accuracy", "acc", "{:.2f}"), ("logit_gap", "gap", "{:+.2f}"), ("head_age", "age", "{:.1f}")):
+        if key in row:
+            fields[label] = fmt.format(row[key])
+    return fields
+
+
+def _step_diagnostics(d_diag, g_diag) -> dict:
+    """Per-kind diagnostics of an iteration ("<kind>/<name>") plus their means over kinds ("d_accuracy",
+    "logit_gap", "head_age"): what a GAN user watches to see the discriminator keep up."""
+    flat = {f"{k}/{n}": v for k, st in d_diag.diagnostics.items() for n, v in st.items() if n != "heads"}
+    flat.update({f"{k}/{n}": v for k, st in g_diag.diagnostics.items() for n, v in st.items() if n == "g_loss"})
+    for name in ("d_accuracy", "logit_gap", "head_age"):
+        values = [st[name] for st in d_diag.diagnostics.values() if name in st]
+        if values:
+            flat[name] = torch.stack([torch.as_tensor(v).float() for v in values]).mean()
+    return flat
+
+
 def _unet_out(output):
     return output.sample if hasattr(output, "sample") else output[0] if isinstance(output, (tuple, list)) else output
 
@@ -390,12 +443,32 @@ class NitroDistiller:
 
     def student_x0(self, noise: torch.Tensor, cond: Mapping, model: nn.Module | None = None) -> torch.Tensor:
         """One-step x̂0 of the student from pure noise: called at the shifted timestep, the LCM 1-step rule."""
+        return self.student_denoise(noise, cond, 1, 0, model)
+
+    def student_denoise(self, x: torch.Tensor, cond: Mapping, steps: int, index: int,
+                        model: nn.Module | None = None) -> torch.Tensor:
+        """The student's x̂0 at step `index` of the `steps`-step schedule from that step's input `x` (float32)."""
         model = model or self.student
-        t = torch.full((noise.shape[0],), self.student_t, dtype=torch.long, device=noise.device)
+        sched = self.student_scheduler
+        sched.set_timesteps(steps)
+        t = torch.full((x.shape[0],), int(sched.model_timesteps[index]), dtype=torch.long, device=x.device)
         with self._autocast():
-            out = _unet_out(model(noise, t, **cond)).float()
-        self.student_scheduler.set_timesteps(1)
-        return self.student_scheduler.step(out, self.student_lcm_t, noise.float(), return_dict=False)[1]
+            out = _unet_out(model(x, t, **cond)).float()
+        return sched.denoise(out, index, x.float())
+
+    @torch.no_grad()
+    def simulate_input(self, noise: torch.Tensor, cond: Mapping, steps: int, index: int) -> torch.Tensor:
+        """Backward simulation: the input of step `index` of the `steps`-step schedule, made by the student's own
+        first `index` steps from `noise` (no gradient), re-noised as the sampler does (noise from the device
+        generator). index 0 returns `noise`."""
+        x = noise.float()
+        sched = self.student_scheduler
+        for i in range(index):
+            denoised = self.student_denoise(x, cond, steps, i)
+            a_next = float(sched.alphas_cumprod[int(sched.lcm_timesteps[i + 1])])
+            z = torch.randn(x.shape, generator=self.dev_gen, device=self.device)
+            x = a_next ** 0.5 * denoised + (1 - a_next) ** 0.5 * z
+        return x
 
     @torch.no_grad()
     def teacher_x0(self, noise: torch.Tensor, cond: Mapping, uncond: Mapping | None) -> torch.Tensor:
@@ -420,13 +493,22 @@ class NitroDistiller:
         return x.float()
 
     # ------------------------------------------------------------------------------------------ step
-    def _micro_batches(self):
+    def _draw_step(self) -> tuple[int, int]:
+        """(steps, index) of the schedule step a micro-batch trains (see the module docstring)."""
+        choices = self.config.train_steps
+        steps = choices[int(torch.randint(len(choices), (), generator=self.host_gen))] if len(choices) > 1 else choices[0]
+        index = int(torch.randint(steps, (), generator=self.host_gen)) if steps > 1 else 0
+        return steps, index
+
+    def _micro_batches(self) -> list[_MicroBatch]:
         cfg = self.config
         batches = []
         for _ in range(cfg.grad_accum):
             cond, uncond, idx = self.prompts(cfg.batch_size, self.host_gen, self.device)
             noise = torch.randn(self._latent_shape(cfg.batch_size), generator=self.dev_gen, device=self.device)
-            batches.append((noise, cond, uncond))
+            steps, index = self._draw_step()
+            x = self.simulate_input(noise, cond, steps, index)
+            batches.append(_MicroBatch(noise, cond, uncond, steps, index, x))
         return batches
 
     def train_step(self) -> dict:
@@ -437,29 +519,18 @@ class NitroDistiller:
     def _train_step(self) -> dict:
         cfg = self.config
         selection = self.disc.sample(generator=self.dev_gen, host_generator=self.host_gen)
-        batches = self._micro_batches()
         scale = 1.0 / cfg.grad_accum
-        # discriminator phase: the sampled heads learn teacher x0 (real) vs student x̂0 (fake)
-        d_total, d_diag = 0.0, None
-        self.opt_heads.zero_grad(set_to_none=True)
-        for noise, cond, uncond in batches:
-            real = self.teacher_x0(noise, cond, uncond)
-            with torch.no_grad():
-                fake = self.student_x0(noise, cond)
-            with self._autocast():
-                out = self.disc.d_loss(real, fake, cond, uncond, selection=selection, generator=self.dev_gen)
-            self.scaler.scale(out.d_loss * scale).backward()
-            d_total = d_total + out.d_loss.detach() * scale
-            d_diag = out if d_diag is None else d_diag
-        self.scaler.step(self.opt_heads)
-        self.opt_heads.zero_grad(set_to_none=True)
+        # discriminator phase: the sampled heads learn teacher x0 (real) vs student x̂0 (fake), d_steps updates
+        for _ in range(cfg.d_steps):
+            batches = self._micro_batches()
+            d_total, d_diag = self._discriminator_update(batches, selection, scale)
         # generator phase: the student learns to fool the (updated, now constant) sampled heads
         g_total, g_diag = 0.0, None
         self.opt_student.zero_grad(set_to_none=True)
-        for noise, cond, uncond in batches:
-            fake = self.student_x0(noise, cond)
+        for mb in batches:
+            fake = self.student_denoise(mb.x, mb.cond, mb.steps, mb.index)
             with self._autocast():
-                out = self.disc.g_loss(fake, cond, uncond, selection=selection, generator=self.dev_gen)
+                out = self.disc.g_loss(fake, mb.cond, mb.uncond, selection=selection, generator=self.dev_gen)
             self.scaler.scale(out.g_loss * scale).backward()
             g_total = g_total + out.g_loss.detach() * scale
             g_diag = out if g_diag is None else g_diag
@@ -477,14 +548,35 @@ class NitroDistiller:
         self.step += 1
         if cfg.refresh_every and self.step % cfg.refresh_every == 0:
             self.disc.refresh(optimizer=self.opt_heads, generator=self.host_gen)
-        result = {"d_loss": d_total, "g_loss": g_total, "t_star": d_diag.t_star}
+        result = {"d_loss": d_total, "g_loss": g_total, "t_star": d_diag.t_star,
+                  "student_t": [int(self._model_t(mb.steps, mb.index)) for mb in batches]}
         if grad_norm is not None:
             result["grad_norm"] = grad_norm.detach()
-        result["diagnostics"] = {**{f"{k}/{n}": v for k, s in d_diag.diagnostics.items() for n, v in s.items()
-                                    if n != "heads"},
-                                 **{f"{k}/{n}": v for k, s in g_diag.diagnostics.items() for n, v in s.items()
-                                    if n == "g_loss"}}
+        result["diagnostics"] = _step_diagnostics(d_diag, g_diag)
         return result
+
+    def _discriminator_update(self, batches, selection, scale):
+        """One heads optimiser step on `batches` (accumulated); returns (loss, first micro-batch's output)."""
+        d_total, d_diag = 0.0, None
+        self.opt_heads.zero_grad(set_to_none=True)
+        for mb in batches:
+            real = self.teacher_x0(mb.noise, mb.cond, mb.uncond)
+            with torch.no_grad():
+                fake = self.student_denoise(mb.x, mb.cond, mb.steps, mb.index)
+            with self._autocast():
+                out = self.disc.d_loss(real, fake, mb.cond, mb.uncond, selection=selection, generator=self.dev_gen)
+            self.scaler.scale(out.d_loss * scale).backward()
+            d_total = d_total + out.d_loss.detach() * scale
+            d_diag = out if d_diag is None else d_diag
+        self.scaler.step(self.opt_heads)
+        self.scaler.update()  # one scaler update per optimiser step (several heads steps per iteration)
+        self.opt_heads.zero_grad(set_to_none=True)
+        self.disc.record_updates(selection)
+        return d_total, d_diag
+
+    def _model_t(self, steps: int, index: int) -> int:
+        self.student_scheduler.set_timesteps(steps)
+        return int(self.student_scheduler.model_timesteps[index])
 
     @torch.no_grad()
     def _update_ema(self):
@@ -523,7 +615,7 @@ class NitroDistiller:
                 if (cfg.log_every and self.step % cfg.log_every == 0) or self.step == total:
                     rows = self._flush_log(time.time() - start)
                     if bar is not None and rows:
-                        bar.set_postfix(d=f"{rows[-1]['d_loss']:.3f}", g=f"{rows[-1]['g_loss']:.3f}")
+                        bar.set_postfix(_progress_fields(rows[-1]))
                 if cfg.out_dir and cfg.sample_every and self.step % cfg.sample_every == 0:
                     self.save_samples()
                 if cfg.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -545,13 +637,15 @@ class NitroDistiller:
         for step, result in self._pending:
             row_keys = ["d_loss", "g_loss"] + (["grad_norm"] if "grad_norm" in result else []) + \
                 sorted(result["diagnostics"])
-            keys.append((step, result["t_star"], row_keys))
+            keys.append((step, result["t_star"], result.get("student_t"), row_keys))
             tensors += [torch.as_tensor(result[k] if k in result else result["diagnostics"][k]).detach().float()
                         .reshape(()).cpu() for k in row_keys]
         values = torch.stack(tensors).tolist()  # one host sync for everything pending
         rows, i = [], 0
-        for step, t_star, row_keys in keys:
+        for step, t_star, student_t, row_keys in keys:
             row = {"step": step, "t_star": list(t_star)}
+            if student_t is not None:
+                row["student_t"] = list(student_t)
             for k in row_keys:
                 row[k] = values[i]
                 i += 1
