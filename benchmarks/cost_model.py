@@ -116,39 +116,59 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
+def _level_heads(a, grid, per_head_programs):
+    """Heads of each level (tuple position p) of a launch. Compacted 1-D grids (`segs`, `seg_lvl`: segment s =
+    programs [segs[s], segs[s+1]) of level seg_lvl[s], every program active): heads_p = programs_p / the programs
+    one head of that level needs. Bounding-box grids: from the first sorted head per level `hs`, grid axis 2 =
+    all heads."""
+    if "segs" in a:
+        segs, lvl = list(a["segs"]), list(a["seg_lvl"])
+        ends = segs[1:] + [grid[0]]
+        heads = [0] * len(a["sizes"])
+        for start, end, p in zip(segs, ends, lvl):
+            heads[p] += (end - start) // per_head_programs(p)
+        return heads
+    return _per_level_heads(a["hs"], grid[2])
+
+
 def _work_conv_fwd(a, grid):
-    heads = _per_level_heads(a["hs"], grid[2])
+    B, O, BM, BN = a["B"], a["O"], a["BM"], a["BN"]
+    per_head = lambda p: B * _cdiv((a["sizes"][p] // 2) ** 2, BM) * _cdiv(O, BN)  # noqa: E731
+    heads = _level_heads(a, grid, per_head)
     active = iters = flops = 0
-    for h, s, i in zip(heads, a["sizes"], a["chans"]):
+    for p, (h, s, i) in enumerate(zip(heads, a["sizes"], a["chans"])):
         npix = (s // 2) ** 2
-        ctas = h * a["B"] * _cdiv(npix, a["BM"]) * _cdiv(a["O"], a["BN"])
+        ctas = h * per_head(p)
         active += ctas
         iters += ctas * _cdiv(i, a["BKC"]) * 16
-        flops += 2.0 * h * a["B"] * npix * a["O"] * i * 16
+        flops += 2.0 * h * B * npix * O * i * 16
     return active, iters, flops
 
 
 def _work_conv_dgrad(a, grid):
-    shared = a["SHARED"]
-    heads = list(a["counts"]) if shared else _per_level_heads(a["hs"], grid[2])
-    classes = a["CLASSES"]
+    shared, classes, B = a["SHARED"], a["CLASSES"], a["B"]
+
+    def per_head(p):   # programs of one head (SHARED: of the whole level, which loops over its heads)
+        hc = (a["sizes"][p] + 1) // 2
+        return B * (4 // classes) * _cdiv(hc * hc, a["BM"]) * _cdiv(a["chans"][p], a["BN"])
+    heads = list(a["counts"]) if shared else _level_heads(a, grid, per_head)
     active = iters = flops = 0
-    for h, s, i in zip(heads, a["sizes"], a["chans"]):
-        hc = (s + 1) // 2
-        ctas = a["B"] * (4 // classes) * _cdiv(hc * hc, a["BM"]) * _cdiv(i, a["BN"]) * (1 if shared else h)
+    for p, (h, s, i) in enumerate(zip(heads, a["sizes"], a["chans"])):
+        ctas = per_head(p) * (1 if shared else h)
         per_cta = classes * _cdiv(a["O"], a["BKO"]) * 4 * (h if shared else 1)
         active += ctas
         iters += ctas * per_cta
-        flops += 2.0 * h * a["B"] * s * s * i * a["O"] * 4
+        flops += 2.0 * h * B * s * s * i * a["O"] * 4
     return active, iters, flops
 
 
 def _work_conv_wgrad(a, grid):
-    heads = _per_level_heads(a["hs"], grid[2])
+    per_head = lambda p: (16 // a["TAPS"]) * _cdiv(a["O"], a["BM"]) * _cdiv(a["chans"][p], a["BN"])  # noqa: E731
+    heads = _level_heads(a, grid, per_head)
     active = iters = flops = 0
-    for h, s, i in zip(heads, a["sizes"], a["chans"]):
+    for p, (h, s, i) in enumerate(zip(heads, a["sizes"], a["chans"])):
         npo = (s // 2) ** 2
-        ctas = h * _cdiv(a["O"], a["BM"]) * _cdiv(i, a["BN"]) * (16 // a["TAPS"])
+        ctas = h * per_head(p)
         active += ctas
         iters += ctas * a["TAPS"] * a["B"] * _cdiv(npo, a["BK"])
         flops += 2.0 * h * a["B"] * npo * a["O"] * i * 16
@@ -162,7 +182,7 @@ def _work_conv_wgrad(a, grid):
 # (kernels.heads._dyn, so that Triton does not specialise on head counts) are decoded first: ENCODED_ARGS.
 WORK = {"_conv_fwd_kernel": _work_conv_fwd, "_conv_dgrad_kernel": _work_conv_dgrad,
         "_conv_wgrad_kernel": _work_conv_wgrad}
-ENCODED_ARGS = ("hs", "counts", "starts")
+ENCODED_ARGS = ("hs", "counts", "starts", "segs", "seg_lvl")
 
 
 def _decoder(fn):
