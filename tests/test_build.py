@@ -136,11 +136,11 @@ def test_triton_kernels_compile_for_h100(family):
 #    score (+8 per warp for the row maxima / rescales), and integer cycles <= 0.5 x MMA cycles.
 CHAINED_MMA_KERNELS = {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
 HEADS_HOT_LOOP_GAPS = (
-    "heads kernels at issue 14's start (23 hot loops): 16 stage scalar weight loads through registers "
-    "(LDG.E.U16 + STS.U16, 8-16 per thread and iteration: conv_fwd / conv_dgrad, pool layout); 17 wait for every "
-    "MMA group (gsb0, 0x0) or use mma.sync; all 23 spend over half the MMA time on MUFU + integer pipes "
-    "(GroupNorm+SiLU per A-tile: conv_fwd NORM 512 MUFU + 708 integer vs 256 MMA cycles per iteration; even "
-    "wgrad layer 1, the best loop: 524 integer vs 512 MMA); no local memory")
+    "heads GEMM loops spend over half the MMA time on integer-pipe work (im2col address / mask math of the A "
+    "tile: e.g. wgrad 716 vs 1024, fwd 32->16 344 vs 512 MMA cycles per iteration after the GEMM-layout "
+    "rewrite; some dgrad loops also waited gsb0, 0x0). At issue 14's start (23 loops) 16 also staged scalar "
+    "LDG.E.U16 weight loads through STS.U16, 17 waited for every MMA group or used mma.sync, and GroupNorm+SiLU "
+    "per A-tile put MUFU at 2x the MMA time")
 
 
 def _hot_loop_problems(family: str, r: dict) -> list[str]:
