@@ -142,7 +142,7 @@ def _work_conv_fwd(a, grid):
         active += ctas
         iters += ctas * _cdiv(i, a["BKC"]) * 16
         flops += 2.0 * h * B * npix * O * i * 16
-    return active, iters, flops
+    return active, iters, flops, heads
 
 
 def _work_conv_dgrad(a, grid):
@@ -159,7 +159,7 @@ def _work_conv_dgrad(a, grid):
         active += ctas
         iters += ctas * per_cta
         flops += 2.0 * h * B * s * s * i * a["O"] * 4
-    return active, iters, flops
+    return active, iters, flops, heads
 
 
 def _work_conv_wgrad(a, grid):
@@ -172,10 +172,11 @@ def _work_conv_wgrad(a, grid):
         active += ctas
         iters += ctas * a["TAPS"] * a["B"] * _cdiv(npo, a["BK"])
         flops += 2.0 * h * a["B"] * npo * a["O"] * i * 16
-    return active, iters, flops
+    return active, iters, flops, heads
 
 
-# kernel name -> f(arguments by name, grid) -> (active CTAs, total hot-loop iterations, useful MMA FLOPs).
+# kernel name -> f(arguments by name, grid) -> (active CTAs, total hot-loop iterations, useful MMA FLOPs, heads per
+# level); the pooled weights (POOLED_ARGS) then count only the sampled heads' rows in the launch's bytes.
 # A kernel with a tensor-core loop and no entry here is reported as "no work model" (and fails the CI test):
 # whoever changes the heads kernels adds / updates its entry. tests/test_cost_model.py checks that the entries'
 # FLOPs add up to the convs' analytic FLOPs (a stale entry fails). Per-level ints the kernels take encoded
@@ -183,6 +184,7 @@ def _work_conv_wgrad(a, grid):
 WORK = {"_conv_fwd_kernel": _work_conv_fwd, "_conv_dgrad_kernel": _work_conv_dgrad,
         "_conv_wgrad_kernel": _work_conv_wgrad}
 ENCODED_ARGS = ("hs", "counts", "starts", "segs", "seg_lvl")
+POOLED_ARGS = ("ws", "biases")        # per-level pooled tensors [P, ...] read by sampled row
 
 
 def _decoder(fn):
@@ -271,8 +273,15 @@ def predict_launch(fn, args, kwargs, grid, compiled: dict) -> Launch:
     if fn.__name__ not in WORK:
         out.bound, out.us, out.note = "no work model", LAUNCH_US + t_mem_us, "add it to cost_model.WORK"
         return out
-    active, iterations, flops = WORK[fn.__name__](values, out.grid)
+    active, iterations, flops, heads = WORK[fn.__name__](values, out.grid)
     out.flops, out.active_ctas, out.iterations = flops, active, iterations
+    for name in POOLED_ARGS:              # only the sampled rows of a pooled tensor are read
+        pooled = values.get(name)
+        if isinstance(pooled, tuple) and len(pooled) == len(heads):
+            for t, h in zip(pooled, heads):
+                full = _tensor_bytes(t)
+                out.bytes -= full - full * min(1.0, h / max(t.shape[0], 1))
+    t_mem_us = out.bytes / (HBM_TBPS * 1e12) * 1e6
     # the hot loop that runs: the one with the most MMA work per iteration (kernels have one; branches: the main)
     loop = max(loops, key=lambda l: l["cycles"]["mma"])
     cyc = loop_cycles(loop, warps)
