@@ -1,45 +1,50 @@
 """Triton kernels of the grouped discriminator heads (`nitrokernels.ops.head_levels` / `head_stack`).
 
 All sampled heads of ALL feature levels run together, one launch per kernel type per layer depth (the
-10-level SDXL pool, depths 5/4/3: 11 launches forward, 21 backward, whatever the level count; one call per
-level made 49 and 127, plus per-level host-side GroupNorm glue):
+10-level SDXL pool, depths 5/4/3: 15 launches forward, 25 backward, whatever the level count):
 
   forward   _conv_fwd_kernel    implicit-GEMM Conv4x4/s2/p1 for every sampled head of every level that is at
-                                least d+1 layers deep (head on grid axis 2). Layer 1 reads the level's SHARED
-                                feature and gathers each head's weights from the level's pooled
-                                [P, O, I, 4, 4] tensor by id inside the kernel; deeper layers read the previous
-                                layer's pre-norm output and apply GroupNorm-normalise + affine + SiLU while
-                                loading. Epilogue: + bias, store, per-tile per-channel GroupNorm partials
-                                (count, tile mean, centred sum of squares).
+                                least d+1 layers deep. Layer 1 reads the level's SHARED channels-last feature,
+                                deeper layers the materialised activation of the layer below; each head's
+                                weights are read by pool row from the pool's GEMM-layout storage
+                                [P, 4, 4, I, O] (output channels contiguous: 16-byte async copies). Tiles
+                                128 x 256 (one head's 256 channels) x K 64 on the GPU. Epilogue: + bias, store,
+                                per-tile per-channel GroupNorm partials (count, tile mean, centred M2).
             _gn_fwd_finish_kernel  combines the partials into GroupNorm (mean, rstd) and the folded affine
                                 (scale, shift) per (head, sample, channel), gamma / beta gathered by id.
+            _norm_silu_kernel   a_d = silu(y_d * scale + shift) ONCE per layer, in the compute dtype (the next
+                                layer's input: no MUFU work in the GEMMs' operand loads).
             _final_fwd_kernel   the final conv of every level (k = S_D: valid conv to one logit per sample;
-                                k = 1: a logit per location) with the same fused input normalisation.
+                                k = 1: a logit per location) with the input normalisation fused (small).
   backward  _final_bwd_kernel   dLogits -> dA_D, SiLU' -> dU_D, GroupNorm-backward partial sums, final-weight
                                 gradient partials (every level at once, each at its own last depth).
             _gn_bwd_finish_kernel  the GroupNorm backward coefficients and the gamma / beta / conv-bias gradients.
             _gn_bwd_apply_kernel  dY = alpha * dU + beta * Y + delta   (per (head, sample, channel) coefs)
+            _norm_silu_kernel   layer d's input a_{d-1} again (d >= 1), for its weight gradient.
             _conv_dgrad_kernel  data gradient of a Conv4x4/s2/p1, split by the parity of the input pixel so
                                 only the 4 taps that touch it are multiplied. Deeper layers: per head, and the
                                 epilogue is the GroupNorm+SiLU backward of the layer below. Layer 1 (SHARED):
-                                one program column per level; the reduction runs over that level's heads x taps
-                                x channels, so the feature gradient is summed over heads inside the GEMM.
-            _conv_wgrad_kernel  weight gradient per sampled head (one tap per grid column), reading the layer
-                                input (shared feature, or the previous pre-norm output normalised on the fly),
-                                written as the values [h, O, I, 4, 4] of the sparse pool gradient.
+                                per level; the reduction runs over that level's heads x taps x channels, so the
+                                feature gradient is summed over heads inside the GEMM.
+            _conv_wgrad_kernel  weight gradient per sampled head and tap: [I, pixels] x [pixels, O] GEMMs whose
+                                accumulator is stored as the GEMM-layout values [h, 4, 4, I, O] of the sparse
+                                pool gradient (vector stores along O).
 
 Levels in one launch. Every per-level tensor (feature, pooled weights, activations, ...) is passed as a
-Triton TUPLE of pointers, and every per-level size as a tuple of ints, with the level count L a constexpr:
-a program finds its level by comparing its head index with the levels' head offsets and selects its
-pointers / sizes with a `tl.static_range` chain. Nothing per call is copied to the device, so a fixed head
-count stays CUDA-graph capturable. Levels are ordered by depth (deepest first, stable): the heads taking
-part at depth d are then a PREFIX of that order, so per-depth buffers (GroupNorm partials, stats, affine,
-backward coefficients) are [H_d, ...] tensors indexed by the same "sorted head" index at every depth. Grid
-axes cover the largest level's tiles / channel blocks; programs past their own level's return at once, or
-(data / weight gradients: an early return around their GEMM loops makes ptxas spill) run zero loop trips and
-store nothing. Block sizes are per launch (cut to the largest level). Logits and final-layer gradients are in
-the caller's order. Host-side work per call that is not a kernel: channels-last copies of features that
-are not channels-last (forward, and again for the weight gradient) and the final-layer gradient reductions.
+Triton TUPLE of pointers, and every per-level size as a tuple of ints, with the level count L a constexpr;
+a program selects its level's pointers / sizes with a `tl.static_range` chain. Nothing per call is copied to
+the device, so a fixed head count stays CUDA-graph capturable. Levels are ordered by depth (deepest first,
+stable): the heads taking part at depth d are then a PREFIX of that order, so per-depth buffers (GroupNorm
+partials, stats, affine, backward coefficients) are [H_d, ...] tensors indexed by the same "sorted head"
+index at every depth. The GEMM kernels run on a COMPACTED 1-D grid (_segments): one segment per level with
+exactly its heads x tiles programs, the segments with the longest tiles first, so no program is idle
+(bounding-box grids over all levels left up to 86% of them empty). The small element-wise / GroupNorm
+kernels keep per-level bounding boxes. Ints that depend on the head counts (head offsets, segment starts,
+counts) are passed _dyn-encoded, so no count mix recompiles a kernel (tests/heads_compile_count.py). Block
+sizes are per launch (cut to the largest level). Logits and final-layer gradients are in the caller's order.
+Host-side work per call that is not a kernel: channels-last copies of features that are not channels-last
+(ops.heads makes them once per step and saves them for the weight gradient: `inputs_cl`), weight conversion for weights not in the GEMM layout (HeadPool's
+are), the final-layer gradient reductions.
 
 Activation layout: per level and head channels-last, [h, B, S, S, O] contiguous. Kept for backward: every
 layer's pre-norm conv output Y_d (input dtype), its GroupNorm (mean, rstd) [H_d, B, G, 2] and folded affine
@@ -106,6 +111,16 @@ def _pick_dyn(vals, lvl, L: tl.constexpr):
 
 
 @triton.jit
+def _segment(pid, segs, seg_lvl, L: tl.constexpr):
+    """(level, index within its segment) of program `pid` of a compacted 1-D grid: segment s owns programs
+    [segs[s], segs[s + 1]) and belongs to level seg_lvl[s] (both _dyn-encoded; see _segments)."""
+    seg = pid * 0
+    for s in tl.static_range(1, L):
+        seg += (pid >= _dec(segs[s])).to(tl.int32)
+    return _pick_dyn(seg_lvl, seg, L), pid - _pick_dyn(segs, seg, L)
+
+
+@triton.jit
 def _pick_ptr(ptrs, lvl, L: tl.constexpr):
     """ptrs[lvl] of a tuple of pointers."""
     p = ptrs[0]
@@ -144,25 +159,28 @@ def _w_strides(I, O):
 @triton.jit(do_not_specialize=["ids_ptr"])
 def _conv_fwd_kernel(
     xs, ws, biases, ys, hs, starts, roffs, pools, sizes, chans,   # per level: input, weights, bias, out, ints
+    segs, seg_lvl,                                     # the compacted grid (_segments)
     ids_ptr,                                           # pool ids of all levels (caller order)
     part_ptr,                                          # out: [H, B, TT, O, 3] fp32 (count, tile mean, tile M2)
     B, O, TT,
     L: tl.constexpr, SHARED_X: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BKC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, C16: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    sh = tl.program_id(2)
-    lvl = _level_of(sh, hs, L)
+    # compacted grid: per level (largest K first) its heads x samples x row tiles x column blocks, no idle program
+    lvl, local = _segment(tl.program_id(0), segs, seg_lvl, L)
     S_in = _pick(sizes, lvl, L)
     I = _channels(chans, lvl, L, C16)
     S_out = S_in // 2
     npix = S_out * S_out
-    b = pid_m // TT
-    t = pid_m % TT
-    if t >= tl.cdiv(npix, BM):      # past this level's tiles (grid axis 0 covers the largest level)
-        return
-    lh = sh - _pick_dyn(hs, lvl, L)
+    T = tl.cdiv(npix, BM)
+    NB = tl.cdiv(O, BN)
+    per_head = B * T * NB
+    lh = local // per_head
+    rem = local % per_head
+    pid_n = rem % NB
+    b = (rem // NB) // T
+    t = (rem // NB) % T
+    sh = _pick_dyn(hs, lvl, L) + lh
     row, id_ok = _pool_row(ids_ptr, lvl, lh, starts, roffs, pools, L)
     sw_p, sw_o, sw_c, sw_kh, sw_kw = _w_strides(I, O)
     hb = (sh * B + b).to(tl.int64)
@@ -511,45 +529,45 @@ def _gn_bwd_apply_kernel(gs, ys, sizes, hs, coef_ptr, B, I,
 def _conv_dgrad_kernel(
     gys, ws, outs, yps, sizes, chans, counts, hs, starts, roffs, pools,   # per level
     osb, osh, osw, osc,                                # per level (SHARED): strides of the feature gradient
+    segs, seg_lvl,                                     # the compacted grid (_segments)
     aff_ptr, stats_ptr, part_ptr,                      # (not SHARED) layer d-1: affine, stats, partials out
-    ids_ptr, B, O, TM, TT, G, CPG,
+    ids_ptr, B, O, TT, G, CPG,
     L: tl.constexpr, SHARED: tl.constexpr, CLASSES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     C16: tl.constexpr,
 ):
-    """dX of layer d. SHARED (d = 0): grid axis 2 = level, the reduction runs over the level's heads, out =
-    the feature gradient (any strides). Otherwise grid axis 2 = sorted head; out = dU_{d-1} [h, B, S, S, I]
-    (GroupNorm + SiLU backward of layer d-1 fused), partials into [H, B, TT, I, 3] at tile cls * T + t."""
-    pid_m = tl.program_id(0)
-    if SHARED:
-        lvl = tl.program_id(2)
-        sh = lvl * 0
-    else:
-        sh = tl.program_id(2)
-        lvl = _level_of(sh, hs, L)
+    """dX of layer d. SHARED (d = 0): one segment of the compacted grid per level, the reduction runs over the
+    level's heads, out = the feature gradient (any strides). Otherwise per sorted head: out = dU_{d-1}
+    [h, B, S, S, I] (GroupNorm + SiLU backward of layer d-1 fused), partials into [H, B, TT, I, 3] at tile
+    cls * T + t. Within a segment: (head,) sample, parity-class group, row tile, column block."""
+    lvl, local = _segment(tl.program_id(0), segs, seg_lvl, L)
     S_in = _pick(sizes, lvl, L)
     I = _channels(chans, lvl, L, C16)
     hc = (S_in + 1) // 2
     T = tl.cdiv(hc * hc, BM)
-    t = pid_m % TM
-    # Programs past this level's tiles or channels (layer 1: levels differ) loop over no head and store
-    # nothing (masks). Not an early `return`: that puts the GEMM loops in a branch and ptxas spills.
-    active = (t < T) & (tl.program_id(1) * BN < I)
+    NB = tl.cdiv(I, BN)
     ncls = 4 // CLASSES
-    cls0 = ((pid_m // TM) % ncls) * CLASSES
-    b = pid_m // (ncls * TM)
+    per_head = B * ncls * T * NB
+    if SHARED:
+        sh = lvl * 0
+    else:
+        sh = _pick_dyn(hs, lvl, L) + local // per_head
+    rem = local % per_head
+    pid_n = rem % NB
+    t = (rem // NB) % T
+    cls0 = ((rem // (NB * T)) % ncls) * CLASSES
+    b = rem // (NB * T * ncls)
     for cls in range(cls0, cls0 + CLASSES):   # CLASSES input-pixel parity classes per program
         _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh, osw, osc,
                      aff_ptr, stats_ptr, part_ptr, ids_ptr, B, O, TT, G, CPG, lvl, sh, S_in, I, T, b, cls, t,
-                     active, L, SHARED, BM, BN, BKO, PREC, UPCAST)
+                     pid_n, L, SHARED, BM, BN, BKO, PREC, UPCAST)
 
 
 @triton.jit
 def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh, osw, osc,
                  aff_ptr, stats_ptr, part_ptr, ids_ptr, B, O, TT, G, CPG, lvl, sh, S_in, I, T, b, cls, t,
-                 active, L: tl.constexpr, SHARED: tl.constexpr, BM: tl.constexpr,
+                 pid_n, L: tl.constexpr, SHARED: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid_n = tl.program_id(1)
     ph = cls // 2
     pw = cls % 2
     S_out = S_in // 2
@@ -565,34 +583,34 @@ def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh,
     gy_ptr = _pick_ptr(gys, lvl, L)
     w_ptr = _pick_ptr(ws, lvl, L)
 
-    if SHARED:
-        h_lo = 0
-        h_hi = tl.where(active, _pick_dyn(counts, lvl, L), 0)
-    else:
-        h_lo = sh - _pick_dyn(hs, lvl, L)
-        h_hi = tl.where(active, h_lo + 1, h_lo)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for hh in range(h_lo, h_hi):
-        row, id_ok = _pool_row(ids_ptr, lvl, hh, starts, roffs, pools, L)
-        gy_base = gy_ptr + (hh * B + b).to(tl.int64) * npo * O
-        w_base = w_ptr + row * sw_p
-        for kk in range(0, tl.cdiv(O, BKO) * 4):     # flat (output-channel chunk, tap of this parity) loop
-            j = kk % 4
-            os_ = (kk // 4) * BKO + tl.arange(0, BKO)
-            o_ok = os_ < O
-            kh = 1 - ph + 2 * (j // 2)              # the two kernel rows / columns with the right parity
-            kw = 1 - pw + 2 * (j % 2)
-            nh = qh + 1 - kh                        # = 2 * oh (even by construction)
-            nw = qw + 1 - kw
-            oh = nh // 2
-            ow = nw // 2
-            p_ok = row_ok & (nh >= 0) & (nw >= 0) & (oh < S_out) & (ow < S_out)
-            a = tl.load(gy_base + (oh * S_out + ow)[:, None] * O + os_[None, :],
-                        mask=p_ok[:, None] & o_ok[None, :], other=0.0)
-            wt = tl.load(w_base + os_[:, None] * sw_o + cols[None, :] * sw_c + kh * sw_kh + kw * sw_kw,
-                         mask=o_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = _mma(a, wt, acc, PREC, UPCAST)
-        acc = tl.where(id_ok, acc, float("nan"))
+    KT = tl.cdiv(O, BKO) * 4
+    if SHARED:
+        # ONE flat (head, output-channel chunk, tap of this parity) loop over the level's heads: a nested head
+        # loop kept the pipeliner from overlapping MMA groups (WARPGROUP.DEPBAR.LE gsb0, 0x0 every iteration).
+        # the level's id range, selected once (per-iteration selects over all levels' tuples made ptxas spill)
+        id_base = ids_ptr + _pick_dyn(starts, lvl, L)
+        roff = _pick(roffs, lvl, L).to(tl.int64)
+        pool = _pick(pools, lvl, L)
+        nbad = lvl * 0
+        for it in range(0, _pick_dyn(counts, lvl, L) * KT):
+            hh = it // KT
+            prow = tl.load(id_base + hh).to(tl.int64) - roff
+            id_ok = (prow >= 0) & (prow < pool)
+            row = tl.where(id_ok, prow, 0)
+            nbad += (id_ok == 0).to(tl.int32)
+            acc = _dgrad_step(gy_ptr + (hh * B + b).to(tl.int64) * npo * O, w_ptr + row * sw_p, it % KT, acc,
+                              ph, pw, qh, qw, row_ok, cols, col_ok, S_out, O, sw_o, sw_c, sw_kh, sw_kw,
+                              BKO, PREC, UPCAST)
+    else:
+        lh = sh - _pick_dyn(hs, lvl, L)
+        row, id_ok = _pool_row(ids_ptr, lvl, lh, starts, roffs, pools, L)
+        nbad = (id_ok == 0).to(tl.int32)
+        gy_base = gy_ptr + (lh * B + b).to(tl.int64) * npo * O
+        for kk in range(0, KT):
+            acc = _dgrad_step(gy_base, w_ptr + row * sw_p, kk, acc, ph, pw, qh, qw, row_ok, cols, col_ok, S_out, O,
+                              sw_o, sw_c, sw_kh, sw_kw, BKO, PREC, UPCAST)
+    acc = tl.where(nbad == 0, acc, float("nan"))     # a head id out of range poisons the result
 
     m = row_ok[:, None] & col_ok[None, :]
     out_ptr = _pick_ptr(outs, lvl, L)
@@ -626,22 +644,49 @@ def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh,
 
 
 @triton.jit
+def _dgrad_step(gy_base, w_base, kk, acc, ph, pw, qh, qw, row_ok, cols, col_ok, S_out, O, sw_o, sw_c, sw_kh, sw_kw,
+                BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One K step of the data gradient: output-channel chunk kk // 4, tap kk % 4 of the pixel parity (ph, pw)."""
+    j = kk % 4
+    os_ = (kk // 4) * BKO + tl.arange(0, BKO)
+    o_ok = os_ < O
+    kh = 1 - ph + 2 * (j // 2)              # the two kernel rows / columns with the right parity
+    kw = 1 - pw + 2 * (j % 2)
+    nh = qh + 1 - kh                        # = 2 * oh (even by construction)
+    nw = qw + 1 - kw
+    oh = nh // 2
+    ow = nw // 2
+    p_ok = row_ok & (nh >= 0) & (nw >= 0) & (oh < S_out) & (ow < S_out)
+    a = tl.load(gy_base + (oh * S_out + ow)[:, None] * O + os_[None, :], mask=p_ok[:, None] & o_ok[None, :],
+                other=0.0)
+    wt = tl.load(w_base + os_[:, None] * sw_o + cols[None, :] * sw_c + kh * sw_kh + kw * sw_kw,
+                 mask=o_ok[:, None] & col_ok[None, :], other=0.0)
+    return _mma(a, wt, acc, PREC, UPCAST)
+
+
+@triton.jit
 def _conv_wgrad_kernel(
     gys, xs, gws, sizes, chans, hs,                    # per level: dY_d, layer input, out [h, 4, 4, I, O], ints
-    B, O, NC,
+    segs, seg_lvl,                                     # the compacted grid (_segments)
+    B, O,
     L: tl.constexpr, SHARED_X: tl.constexpr, TAPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, C16: tl.constexpr,
 ):
     """dW[tap, c, o] = sum_{b, p} x[b, pix(p, tap), c] * dY[b, p, o]: the GEMM is [c, pixels] x [pixels, o], so
     the accumulator's fast dimension is o, the GEMM layout's contiguous one (vector stores)."""
-    pid0 = tl.program_id(0)
-    sh = tl.program_id(2)
-    lvl = _level_of(sh, hs, L)
+    # compacted grid: per level (largest maps first) its heads x tap groups x output-channel blocks x
+    # input-channel blocks (the level's own count), no idle program
+    lvl, local = _segment(tl.program_id(0), segs, seg_lvl, L)
     I = _channels(chans, lvl, L, C16)
-    pid_o = pid0 // NC
-    pid_c = pid0 % NC
+    NC = tl.cdiv(I, BN)
+    NO = tl.cdiv(O, BM)
+    per_head = (16 // TAPS) * NO * NC
+    lh = local // per_head
+    rem = local % per_head
+    pid_c = rem % NC
+    pid_o = (rem // NC) % NO
+    tap0 = (rem // (NC * NO)) * TAPS
     S_in = _pick(sizes, lvl, L)
-    lh = sh - _pick_dyn(hs, lvl, L)
     os_ = pid_o * BM + tl.arange(0, BM)
     o_ok = os_ < O
     cs = pid_c * BN + tl.arange(0, BN)
@@ -649,11 +694,8 @@ def _conv_wgrad_kernel(
     gy_ptr = _pick_ptr(gys, lvl, L)
     x_ptr = _pick_ptr(xs, lvl, L)
     gw_ptr = _pick_ptr(gws, lvl, L)
-    # Programs past this level's input channels (layer 1: levels differ) loop over no sample and store
-    # nothing (c_ok is all false). Not an early `return`: that puts the GEMM loops in a branch and ptxas spills.
-    nb = tl.where(pid_c * BN < I, B, 0)
-    for tap in range(tl.program_id(1) * TAPS, tl.program_id(1) * TAPS + TAPS):   # TAPS taps per program
-        _wgrad_tap(gy_ptr, x_ptr, gw_ptr, B, nb, S_in, I, O, lh, tap, os_, o_ok, cs, c_ok,
+    for tap in range(tap0, tap0 + TAPS):   # TAPS taps per program
+        _wgrad_tap(gy_ptr, x_ptr, gw_ptr, B, B, S_in, I, O, lh, tap, os_, o_ok, cs, c_ok,
                    SHARED_X, BM, BN, BK, PREC, UPCAST)
 
 
@@ -690,7 +732,7 @@ def _wgrad_tap(gy_ptr, x_ptr, gw_ptr, B, nb, S_in, I, O, lh, tap, os_, o_ok, cs,
 # GPU values are a reasonable default for Hopper/Ampere (untuned). The interpreter runs one program at a
 # time with a per-operation overhead, so it gets larger blocks (fewer programs / loop trips).
 # Tests set BLOCK_OVERRIDE to small values to exercise the multi-tile paths (stats combination, K loops).
-GPU_BLOCKS = dict(fwd_m=128, fwd_n=256, fwd_kc=64, fin_p=64, fin_c=64, dg_m=128, dg_n=128, dg_n_epi=64, dg_ko=64,
+GPU_BLOCKS = dict(fwd_m=128, fwd_n=256, fwd_kc=64, fin_p=64, fin_c=64, dg_m=128, dg_n=64, dg_n_epi=64, dg_ko=64,
                   dg_classes=1, wg_m=256, wg_n=128, wg_k=64, wg_taps=1, ew_q=64, ew_c=128, gn_t=4)
 INTERPRETER_BLOCKS = dict(fwd_m=256, fwd_n=128, fwd_kc=64, fin_p=256, fin_c=128, dg_m=256, dg_n=128, dg_n_epi=128,
                           dg_ko=64,
@@ -831,6 +873,19 @@ def _dyn(values) -> tuple:
     return tuple(2 * int(v) + 3 for v in values)
 
 
+def _segments(programs, work) -> tuple[tuple, tuple, int]:
+    """A compacted 1-D grid over the levels of one launch (Triton's grouped-GEMM pattern without idle
+    bounding-box programs): one segment per level holding exactly its `programs[i]` programs, segments with
+    the most `work` per program first (the longest tiles start first, the short ones fill the tail).
+    Returns (segment starts, segment -> level position, both _dyn-encoded; total programs)."""
+    order = sorted(range(len(programs)), key=lambda i: -work[i])
+    starts, n = [], 0
+    for i in order:
+        starts.append(n)
+        n += programs[i]
+    return _dyn(starts), _dyn(order), n
+
+
 def _contig(tensors, lv, d=None) -> tuple:
     """Per-level pooled tensors, contiguous (the kernels derive their strides from the shapes; parameters
     already are, so this copies nothing unless a caller passes a strided view)."""
@@ -902,9 +957,11 @@ def levels_forward(features, conv_weights, conv_biases, norm_weights, norm_biase
         bkc = _clamp_block(max(chans), 16, "fwd_kc")
         tiles = max(triton.cdiv(n, bm) for n in npix)
         part = torch.empty((heads, batch, tiles, c_out, 3), dtype=torch.float32, device=device)
-        _conv_fwd_kernel[(batch * tiles, triton.cdiv(c_out, bn), heads)](
+        segs, seg_lvl, nprog = _segments(
+            [plan.counts[l] * batch * triton.cdiv(n, bm) * triton.cdiv(c_out, bn) for l, n in zip(lv, npix)], chans)
+        _conv_fwd_kernel[(nprog,)](
             tuple(xs[l] for l in lv), _gemm_weights(conv_weights, d, lv), _contig(conv_biases, lv, d),
-            tuple(ys[l][d] for l in lv), *plan.meta(lv), sizes, chans, ids, part,
+            tuple(ys[l][d] for l in lv), *plan.meta(lv), sizes, chans, segs, seg_lvl, ids, part,
             batch, c_out, tiles,
             L=len(lv), SHARED_X=d == 0, BM=bm, BN=bn, BKC=bkc, PREC=prec, UPCAST=upcast,
             C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=_stages(bm, bn, bkc))
@@ -939,8 +996,10 @@ def levels_forward(features, conv_weights, conv_biases, norm_weights, norm_biase
 # ------------------------------------------------------------------------------------------ backward
 def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights,
                     final_biases, ids, counts, row_offsets, ys, stats, affine, num_groups, eps,
-                    need_feature_grads, need_param_grads):
+                    need_feature_grads, need_param_grads, inputs_cl=None):
     """Backward of `levels_forward` from its saved (ys, stats, affine): one launch per kernel type per depth.
+    `inputs_cl` (per level, optional): channels-last copies of the features made by the forward (ops.heads
+    saves them), read by the layer-1 weight gradient instead of copying the feature again.
 
     Returns (d_features [per level, None where not needed or the level has no heads], dW [l][d] values
     [h_l, 4, 4, I, O] (the GEMM layout), db[d] / dgamma[d] / dbeta[d] [H_d, O] (launch order), dW_final [H, 1, I, k, k] and
@@ -1024,20 +1083,23 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
         chans = tuple(plan.chans[l][d] for l in lv)
         if need_param_grads:
             if d == 0:
-                xs = tuple(_channels_last(features[l]) for l in lv)
+                xs = tuple(inputs_cl[l] if inputs_cl is not None and inputs_cl[l] is not None
+                           else _channels_last(features[l]) for l in lv)
             else:     # layer d's input silu(GroupNorm(Y_{d-1})), made once for its weight gradient
                 xs = _norm_silu(plan, ys, affine[d - 1], d - 1, lv, batch, plan.chans[lv[0]][d])
             bm = _clamp_block(co, 16, "wg_m")
             bn = _clamp_block(max(chans), 16, "wg_n")
             bk = _clamp_block(max(s // 2 for s in sizes) ** 2, 16, "wg_k")
-            nc = triton.cdiv(max(chans), bn)
+            taps = _cap("wg_taps")
+            segs, seg_lvl, nprog = _segments(
+                [plan.counts[l] * (16 // taps) * triton.cdiv(co, bm) * triton.cdiv(c, bn) for l, c in zip(lv, chans)],
+                [s * s for s in sizes])
             for l in lv:
                 g_w[l][d] = torch.empty((plan.counts[l], 4, 4, plan.chans[l][d], co), dtype=dtype, device=device)
-            taps = _cap("wg_taps")
-            _conv_wgrad_kernel[(triton.cdiv(co, bm) * nc, 16 // taps, heads)](
-                gy, xs, tuple(g_w[l][d] for l in lv), sizes, chans, meta[0], batch, co, nc,
+            _conv_wgrad_kernel[(nprog,)](
+                gy, xs, tuple(g_w[l][d] for l in lv), sizes, chans, meta[0], segs, seg_lvl, batch, co,
                 L=len(lv), SHARED_X=d == 0, TAPS=taps, BM=bm, BN=bn, BK=bk, PREC=prec, UPCAST=upcast,
-                C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=_stages(bn, bm, bk))
+                C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=min(3, _stages(bn, bm, bk)))   # 4: spills
             del xs
         if d == 0:
             _feature_grads(plan, conv_weights, gus, features, need_feature_grads, g_features, co, prec, upcast)
@@ -1046,11 +1108,14 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
         for l in lv:
             gus[(l, d - 1)] = torch.empty_like(ys[l][d - 1])
         zeros = (0,) * len(lv)
-        _conv_dgrad_kernel[(batch * (4 // classes) * tiles, triton.cdiv(max(chans), bn), heads)](
+        segs, seg_lvl, nprog = _segments(
+            [plan.counts[l] * batch * (4 // classes) * triton.cdiv(((s + 1) // 2) ** 2, bm) * triton.cdiv(c, bn)
+             for l, s, c in zip(lv, sizes, chans)], [0] * len(lv))
+        _conv_dgrad_kernel[(nprog,)](
             gy, _gemm_weights(conv_weights, d, lv), tuple(gus[(l, d - 1)] for l in lv),
             tuple(ys[l][d - 1] for l in lv), sizes, chans, _dyn(plan.counts[l] for l in lv), *meta,
-            zeros, zeros, zeros, zeros, affine[d - 1], stats[d - 1], parts[d - 1], ids,
-            batch, co, tiles, part_tiles[d - 1], groups, chans[0] // groups,
+            zeros, zeros, zeros, zeros, segs, seg_lvl, affine[d - 1], stats[d - 1], parts[d - 1], ids,
+            batch, co, part_tiles[d - 1], groups, chans[0] // groups,
             L=len(lv), SHARED=False, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec,
             UPCAST=upcast, C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=_stages(bm, bn, bko))
 
@@ -1072,9 +1137,15 @@ def _feature_grads(plan, conv_weights, gus, features, need, g_features, c_out, p
     outs = tuple(g_features[l] for l in lv)
     strides = [tuple(g.stride(i) for g in outs) for i in (0, 2, 3, 1)]      # (b, h, w, c)
     chans = tuple(plan.chans[l][0] for l in lv)
-    _conv_dgrad_kernel[(features[0].shape[0] * (4 // classes) * tiles, triton.cdiv(max(chans), bn), len(lv))](
+    batch = features[0].shape[0]
+    sizes = tuple(plan.sizes[l][0] for l in lv)
+    # one segment per level; the reduction runs over the level's heads: the most heads first
+    segs, seg_lvl, nprog = _segments(
+        [batch * (4 // classes) * triton.cdiv(((s + 1) // 2) ** 2, bm) * triton.cdiv(c, bn) for s, c in zip(sizes, chans)],
+        [plan.counts[l] for l in lv])
+    _conv_dgrad_kernel[(nprog,)](
         tuple(gus[(l, 0)] for l in lv), _gemm_weights(conv_weights, 0, lv), outs, outs,
-        tuple(plan.sizes[l][0] for l in lv), chans, _dyn(plan.counts[l] for l in lv), *plan.meta(lv),
-        *strides, plan.ids, plan.ids, plan.ids, plan.ids, features[0].shape[0], c_out, tiles, 1, 1, 1,
+        sizes, chans, _dyn(plan.counts[l] for l in lv), *plan.meta(lv),
+        *strides, segs, seg_lvl, plan.ids, plan.ids, plan.ids, plan.ids, batch, c_out, 1, 1, 1,
         L=len(lv), SHARED=True, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec,
-        UPCAST=upcast, C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=_stages(bm, bn, bko))
+        UPCAST=upcast, C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=min(3, _stages(bm, bn, bko)))

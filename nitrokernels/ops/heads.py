@@ -383,7 +383,7 @@ def _fake_ys(feature, conv_weights):
 
 def _eager_levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights,
                            final_biases, ids, counts, row_offsets, ys, stats, affine, num_groups, eps,
-                           need_feature_grads, need_param_grads):
+                           need_feature_grads, need_param_grads, inputs_cl=None):
     """Per level with torch's backward kernels, assembled like kernels.heads.levels_backward's results."""
     from nitrokernels.kernels.heads import level_order
     order, first = level_order(counts, [len(w) for w in conv_weights])
@@ -419,9 +419,9 @@ def _triton_levels_forward(*args):
     return kernels.levels_forward(*args)
 
 
-def _triton_levels_backward(*args):
+def _triton_levels_backward(*args, **kwargs):
     from nitrokernels.kernels import heads as kernels
-    return kernels.levels_backward(*args)
+    return kernels.levels_backward(*args, **kwargs)
 
 
 _eager_levels_forward.backward = _eager_levels_backward
@@ -470,9 +470,11 @@ def head_levels_fwd(features: list[Tensor], conv_weights: list[Tensor], conv_bia
                     norm_weights: list[Tensor], norm_biases: list[Tensor], final_weights: list[Tensor],
                     final_biases: list[Tensor], ids: Tensor, counts: list[int], row_offsets: list[int],
                     depths: list[int], num_groups: int, eps: float
-                    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+                    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """Returns (logits, saved pre-norm outputs ys (level-major, [h_l, B, S_d, S_d, O_d]), saved (mean, rstd)
-    [H_d, B, G, 2] and (scale, shift) [H_d, B, 2, O_d] per depth, fp32, levels deepest first)."""
+    [H_d, B, G, 2] and (scale, shift) [H_d, B, 2, O_d] per depth, fp32, levels deepest first, and per level the
+    channels-last copy of its feature (0 elements where the feature is channels-last or has no heads): made once
+    here, read by the forward and saved for the backward's weight gradient)."""
     args = _unflatten(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights, final_biases,
                       ids, counts, row_offsets, depths)
     infos = _validate_levels(*args, num_groups, eps, where=_where(features))
@@ -480,9 +482,20 @@ def head_levels_fwd(features: list[Tensor], conv_weights: list[Tensor], conv_bia
     if sum(counts) == 0:
         return _fake_forward(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights,
                              final_biases, ids, counts, row_offsets, depths, num_groups, eps)
+    xcl = _channels_last_copies(features, counts)
+    args = ([x if x.numel() else f for x, f in zip(xcl, features)], *args[1:])
     with _inputs_dtype(features[0]):
         out, ys, stats, affine = HEAD_STACK(*args, num_groups, eps)
-    return out, [y for ys_l in ys for y in ys_l], stats, affine
+    return out, [y for ys_l in ys for y in ys_l], stats, affine, xcl
+
+
+def _channels_last_copies(features, counts) -> list[Tensor]:
+    """Per level, a channels-last copy of a feature that is not channels-last and has sampled heads, else a
+    0-element placeholder. The kernels read features channels-last (layer-1 GEMM and weight gradient): the copy
+    is made ONCE per step and saved for the backward instead of being made again there."""
+    cl = torch.channels_last
+    return [f.contiguous(memory_format=cl) if c > 0 and not f.is_contiguous(memory_format=cl) else _empty(f)
+            for f, c in zip(features, counts)]
 
 
 def _inputs_dtype(like: Tensor):
@@ -511,7 +524,7 @@ def _fake_forward(features, conv_weights, conv_biases, norm_weights, norm_biases
     width = [next(info["channels"][d] for _, info in with_heads if len(info["sizes"]) > d) for d in range(dmax)]
     stats = [features[0].new_empty((h, batch, num_groups, 2), dtype=torch.float32) for h in heads]
     affine = [features[0].new_empty((h, batch, 2, w), dtype=torch.float32) for h, w in zip(heads, width)]
-    return out, ys, stats, affine
+    return out, ys, stats, affine, _channels_last_copies(features, counts)
 
 
 head_levels_fwd.register_fake(_fake_forward)
@@ -522,7 +535,7 @@ def head_levels_bwd(grad_out: Tensor, features: list[Tensor], conv_weights: list
                     norm_weights: list[Tensor], norm_biases: list[Tensor], final_weights: list[Tensor],
                     final_biases: list[Tensor], ids: Tensor, counts: list[int], row_offsets: list[int],
                     depths: list[int], ys: list[Tensor], stats: list[Tensor], affine: list[Tensor], num_groups: int,
-                    eps: float, need_feature_grads: list[bool], need_param_grads: bool
+                    eps: float, need_feature_grads: list[bool], need_param_grads: bool, features_cl: list[Tensor]
                     ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], Tensor, Tensor]:
     """Dense per-sampled-head gradients: (d_features per level, dW (level-major) [h_l, 4, 4, I, O] (the GEMM
     layout: output channels contiguous), db / dgamma /
@@ -533,11 +546,12 @@ def head_levels_bwd(grad_out: Tensor, features: list[Tensor], conv_weights: list
     if sum(counts) == 0:
         return _fake_backward(grad_out, features, conv_weights, conv_biases, norm_weights, norm_biases,
                               final_weights, final_biases, ids, counts, row_offsets, depths, ys, stats, affine,
-                              num_groups, eps, need_feature_grads, need_param_grads)
+                              num_groups, eps, need_feature_grads, need_param_grads, features_cl)
     impl = HEAD_STACK.select(*args, num_groups, eps)
     with _inputs_dtype(features[0]):
         gx, gw, gb, gg, gbe, gwf, gbf = impl.fn.backward(grad_out, *args, _nest(ys, depths), stats, affine,
-                                                         num_groups, eps, list(need_feature_grads), need_param_grads)
+                                                         num_groups, eps, list(need_feature_grads), need_param_grads,
+                                                         inputs_cl=[x if x.numel() else None for x in features_cl])
     gx = [g if g is not None else _empty(f) for g, f in zip(gx, features)]
     if not need_param_grads:
         gb, gg, gbe = ([_empty(features[0]) for _ in stats] for _ in range(3))    # distinct: no aliased outputs
@@ -555,7 +569,7 @@ def _gemm_empty(w: Tensor, count: int) -> Tensor:
 
 def _fake_backward(grad_out, features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights,
                    final_biases, ids, counts, row_offsets, depths, ys, stats, affine, num_groups, eps,
-                   need_feature_grads, need_param_grads):
+                   need_feature_grads, need_param_grads, features_cl=None):
     ref = features[0]
     gx = [torch.empty_like(f) if need and c > 0 else _empty(f)
           for f, need, c in zip(features, need_feature_grads, counts)]
@@ -577,16 +591,17 @@ head_levels_bwd.register_fake(_fake_backward)
 def _setup_context(ctx, inputs, output):
     (features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights, final_biases, ids, counts,
      row_offsets, depths, num_groups, eps) = inputs
-    _, ys, stats, affine = output
-    ctx.mark_non_differentiable(*ys, *stats, *affine)
+    _, ys, stats, affine, xcl = output
+    ctx.mark_non_differentiable(*ys, *stats, *affine, *xcl)
     ctx.set_materialize_grads(False)
     ctx.need_features = [f.requires_grad for f in features]
     params = [*conv_weights, *conv_biases, *norm_weights, *norm_biases, *final_weights, *final_biases]
     ctx.need_params = [p.requires_grad for p in params]
     ctx.sizes = (len(features), len(conv_weights), len(ys), len(stats))
+    ctx.xcl = len(xcl)
     ctx.counts, ctx.row_offsets, ctx.depths = list(counts), list(row_offsets), list(depths)
     ctx.num_groups, ctx.eps = num_groups, eps
-    ctx.save_for_backward(ids, *features, *params, *ys, *stats, *affine)
+    ctx.save_for_backward(ids, *features, *params, *ys, *stats, *affine, *xcl)
 
 
 def _sparse(values: Tensor, rows: Tensor, param: Tensor) -> Tensor:
@@ -595,7 +610,7 @@ def _sparse(values: Tensor, rows: Tensor, param: Tensor) -> Tensor:
                                    check_invariants=False)
 
 
-def _backward(ctx, grad_out, _grad_ys, _grad_stats, _grad_affine):
+def _backward(ctx, grad_out, _grad_ys, _grad_stats, _grad_affine, _grad_xcl):
     from nitrokernels.kernels.heads import level_order
     nlev, nconv, nys, nstats = ctx.sizes
     saved = list(ctx.saved_tensors)
@@ -605,7 +620,9 @@ def _backward(ctx, grad_out, _grad_ys, _grad_stats, _grad_affine):
     i += 4 * nconv
     final_w, final_b = saved[i:i + nlev], saved[i + nlev:i + 2 * nlev]
     i += 2 * nlev
-    ys, stats, affine = saved[i:i + nys], saved[i + nys:i + nys + nstats], saved[i + nys + nstats:]
+    ys, stats = saved[i:i + nys], saved[i + nys:i + nys + nstats]
+    i += nys + nstats
+    affine, xcl = saved[i:i + nstats], saved[i + nstats:]
     need_params = any(ctx.need_params)
     lists = [[None] * nconv] * 4
     tail = (None,) * 6                                  # ids, counts, row_offsets, depths, num_groups, eps
@@ -614,7 +631,7 @@ def _backward(ctx, grad_out, _grad_ys, _grad_stats, _grad_affine):
     counts, depths = ctx.counts, ctx.depths
     gx, gw, gb, gg, gbe, gwf, gbf = torch.ops.nitrokernels.head_levels_bwd(
         grad_out, features, conv_w, conv_b, norm_w, norm_b, final_w, final_b, ids, counts, ctx.row_offsets, depths,
-        ys, stats, affine, ctx.num_groups, ctx.eps, ctx.need_features, need_params)
+        ys, stats, affine, ctx.num_groups, ctx.eps, ctx.need_features, need_params, xcl)
     g_features = [g if need and c > 0 else None for g, need, c in zip(gx, ctx.need_features, counts)]
     if not need_params:
         return (g_features, *lists, [None] * nlev, [None] * nlev, *tail)
@@ -658,7 +675,7 @@ def head_levels(features: Sequence[Tensor], conv_weights: Sequence[Sequence[Tens
     tensors (o_l = sum(counts[:l]); row_offsets default 0). See the module docstring."""
     depths = [len(w) for w in conv_weights]
     row_offsets = [0] * len(features) if row_offsets is None else [int(r) for r in row_offsets]
-    out, _, _, _ = torch.ops.nitrokernels.head_levels_fwd(
+    out, _, _, _, _ = torch.ops.nitrokernels.head_levels_fwd(
         list(features), [t for ts in conv_weights for t in ts], [t for ts in conv_biases for t in ts],
         [t for ts in norm_weights for t in ts], [t for ts in norm_biases for t in ts], list(final_weights),
         list(final_biases), ids, [int(c) for c in counts], row_offsets, depths, int(num_groups), float(eps))
