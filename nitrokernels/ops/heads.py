@@ -36,8 +36,10 @@ by the same rule as forward, at backward time: both backends save the same tenso
 Kept for backward: every layer's pre-norm conv output Y_d [h, B, S_d, S_d, O_d] (channels-last per head,
 input dtype) and its GroupNorm (mean, rstd) [H_d, B, G, 2] and folded affine [H_d, B, 2, O_d] (fp32, all
 levels of a depth stacked) -- about a third of what the autograd loop keeps (conv input, GroupNorm input
-and output per layer). Normalised + SiLU activations are recomputed where
-they are read (next layer's loads, weight gradients), as are SiLU' and x-hat in the backward epilogues.
+and output per layer) -- and, for a feature that is not channels-last, its channels-last copy (made once per
+step: the forward's layer-1 GEMM and the backward's weight gradient both read it). Normalised + SiLU
+activations are made once per layer where they are needed (forward: the next layer's input; backward: each
+deeper layer's weight-gradient input) and not kept; SiLU' and x-hat are recomputed in the backward epilogues.
 Conv weights may have any strides: the Triton kernels read the GEMM layout [P, 4, 4, I, O] (output channels
 contiguous, 16-byte loads) by pool row. A [P, O, I, 4, 4] view of such storage -- `w.permute(0, 4, 3, 1, 2)` of a
 [P, 4, 4, I, O] tensor, which is how HeadPool stores its weights -- costs nothing; a weight in another layout
