@@ -57,7 +57,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     for group in ("teacher", "student"):
         for m in metrics[group].values():
             assert 0.0 <= m["accuracy"] <= 1.0 and m["frechet"] >= 0.0
-    assert metrics["heads"]["pool"] == 240 and metrics["heads"]["sampled_per_iteration"] == 15
+    assert metrics["heads"]["pool"] == 240 and metrics["heads"]["sampled_per_iteration"] == 60
+    assert metrics["train_steps"] == [1, 2, 4] and metrics["d_steps"] == 2
+    summary = metrics["discriminator"]
+    for key in ("d_accuracy", "logit_gap", "head_age", "global_conditional/d_accuracy"):
+        assert key in summary["mean"] and key in summary["last_quarter"]
+    assert 0.0 <= summary["mean"]["d_accuracy"] <= 1.0 and summary["mean"]["head_age"] >= 0.0
+    assert "discriminator: accuracy" in out
     from PIL import Image
 
     assert Image.open(tmp_path / "samples.png").size[0] > 100
