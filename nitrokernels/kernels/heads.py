@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nitrokernels.ops.dispatch import triton_interpreting
+from nitrokernels.kernels.plan import level_order, triton_interpreting
 
 # ================================================================================================ kernels
 
@@ -788,19 +788,6 @@ def _stages(bm: int, bn: int, bk: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ level plan
-def level_order(counts, depths) -> tuple[list[int], dict[int, int]]:
-    """The levels that have sampled heads, deepest first (stable), and each one's first "sorted head" index.
-
-    With this order the heads that take part in layer depth d (levels deeper than d) are a prefix, so
-    per-depth buffers are [H_d, ...] and a head keeps its index at every depth (see the module doc)."""
-    order = sorted((l for l in range(len(counts)) if counts[l] > 0), key=lambda l: -depths[l])
-    first, n = {}, 0
-    for l in order:
-        first[l] = n
-        n += counts[l]
-    return order, first
-
-
 class _Plan:
     """Host-side description of one call: sizes per level and depth, launch order, per-level tuples."""
 

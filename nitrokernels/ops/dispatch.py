@@ -29,6 +29,7 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 
 from nitrokernels import _ext
+from nitrokernels.kernels.plan import triton_interpreting  # noqa: F401  (re-exported: ops read it from here)
 
 log = logging.getLogger("nitrokernels")
 
@@ -42,11 +43,6 @@ class BackendUnavailable(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def triton_interpreting() -> bool:
-    """True when Triton kernels run on the CPU (TRITON_INTERPRET=1; read when a kernel module is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 @functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:
     # Cached: find_spec walks sys.path, too slow for a check that runs on every op call.

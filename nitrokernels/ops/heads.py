@@ -73,6 +73,7 @@ from torch import Tensor
 
 from nitrokernels.ops import reference
 from nitrokernels.ops.dispatch import dispatched_op
+from nitrokernels.kernels.plan import level_order
 
 __all__ = ["head_levels", "head_stack", "HEAD_STACK"]
 
@@ -351,7 +352,6 @@ def _affine(stats: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
 def _eager_levels_forward(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights,
                           final_biases, ids, counts, row_offsets, num_groups, eps):
     """The batched eager form per level, assembled into the layout of kernels.heads.levels_forward."""
-    from nitrokernels.kernels.heads import level_order
     order, _ = level_order(counts, [len(w) for w in conv_weights])
     outs, ys, per_level = {}, [], {}
     for l, feature in enumerate(features):
@@ -387,7 +387,6 @@ def _eager_levels_backward(grad_out, features, conv_weights, conv_biases, norm_w
                            final_biases, ids, counts, row_offsets, ys, stats, affine, num_groups, eps,
                            need_feature_grads, need_param_grads, inputs_cl=None):
     """Per level with torch's backward kernels, assembled like kernels.heads.levels_backward's results."""
-    from nitrokernels.kernels.heads import level_order
     order, first = level_order(counts, [len(w) for w in conv_weights])
     nlev = len(features)
     g_features = [None] * nlev
@@ -613,7 +612,6 @@ def _sparse(values: Tensor, rows: Tensor, param: Tensor) -> Tensor:
 
 
 def _backward(ctx, grad_out, _grad_ys, _grad_stats, _grad_affine, _grad_xcl):
-    from nitrokernels.kernels.heads import level_order
     nlev, nconv, nys, nstats = ctx.sizes
     saved = list(ctx.saved_tensors)
     ids, features = saved[0], saved[1:1 + nlev]
