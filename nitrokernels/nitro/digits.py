@@ -296,31 +296,41 @@ def save_asset(path: str, modules: dict[str, nn.Module], metadata: dict, dtype=t
         for key, value in module.state_dict().items():
             value = value.detach().cpu()
             tensors[f"{prefix}.{key}"] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
+    from nitrokernels.nitro.pipeline import SHA256_METADATA_KEY, tensors_sha256
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"nitrokernels": json.dumps(metadata, sort_keys=True)})
+    save_file(tensors, tmp, metadata={"nitrokernels": json.dumps(metadata, sort_keys=True),
+                                      SHA256_METADATA_KEY: tensors_sha256(tensors)})
     os.replace(tmp, path)
 
 
-def read_asset(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """Read a file written by save_asset -> ({prefix: state_dict (float32)}, metadata)."""
+def read_asset(path: str, expected_sha256: str | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Read a file written by save_asset -> ({prefix: state_dict (float32)}, metadata). The tensors' digest that
+    save_asset stores is verified (files without one, older ones, load unverified); `expected_sha256`: the
+    file's sha256 (for files of others), checked first. A mismatch raises UNetWeightsError (a ValueError)."""
     from safetensors import safe_open
+
+    from nitrokernels.nitro.pipeline import verify_safetensors
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist (write it with python/train_digits_teacher.py or "
                                 f"`nitrokernels demo`)")
-    groups: dict[str, dict[str, torch.Tensor]] = {}
+    raw: dict[str, torch.Tensor] = {}
     with safe_open(path, framework="pt") as f:
         metadata = json.loads((f.metadata() or {}).get("nitrokernels", "{}"))
         for key in f.keys():
-            prefix, _, name = key.partition(".")
-            value = f.get_tensor(key)
-            groups.setdefault(prefix, {})[name] = value.float() if value.is_floating_point() else value
+            raw[key] = f.get_tensor(key)
+    verify_safetensors(path, raw, expected_sha256)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in raw.items():
+        prefix, _, name = key.partition(".")
+        groups.setdefault(prefix, {})[name] = value.float() if value.is_floating_point() else value
     return groups, metadata
 
 
-def _load_unet_and_encoder(path: str, device, dtype):
-    groups, metadata = read_asset(path)
+def _load_unet_and_encoder(path: str, device, dtype, expected_sha256=None):
+    groups, metadata = read_asset(path, expected_sha256)
     config = {**DIGITS_UNET_CONFIG, **{k: (tuple(v) if isinstance(v, list) else v)
                                        for k, v in metadata.get("unet_config", {}).items()}}
     unet = make_digits_unet(**config)
@@ -335,21 +345,25 @@ def _load_unet_and_encoder(path: str, device, dtype):
     return unet, encoder, metadata
 
 
-def load_pretrained_teacher(device="cpu", dtype=torch.float32, path: str | None = None):
-    """The shipped digits teacher -> (unet, encoder, metadata); frozen, in eval mode."""
-    return _load_unet_and_encoder(path or asset_path(TEACHER_ASSET), device, dtype)
+def load_pretrained_teacher(device="cpu", dtype=torch.float32, path: str | None = None,
+                            expected_sha256: str | None = None):
+    """The shipped digits teacher -> (unet, encoder, metadata); frozen, in eval mode. expected_sha256: see
+    read_asset."""
+    return _load_unet_and_encoder(path or asset_path(TEACHER_ASSET), device, dtype, expected_sha256)
 
 
-def load_pretrained_student(device="cpu", dtype=torch.float32, path: str | None = None):
+def load_pretrained_student(device="cpu", dtype=torch.float32, path: str | None = None,
+                            expected_sha256: str | None = None):
     """The shipped one-step digits student (distilled by `nitrokernels demo`) -> (unet, encoder, metadata).
 
     metadata["shift"] is the timestep shift it was trained at (the LCM scheduler's `shift`).
     """
-    return _load_unet_and_encoder(path or asset_path(STUDENT_ASSET), device, dtype)
+    return _load_unet_and_encoder(path or asset_path(STUDENT_ASSET), device, dtype, expected_sha256)
 
 
-def load_pretrained_classifier(device="cpu", path: str | None = None) -> DigitsClassifier:
-    groups, metadata = read_asset(path or asset_path(CLASSIFIER_ASSET))
+def load_pretrained_classifier(device="cpu", path: str | None = None,
+                               expected_sha256: str | None = None) -> DigitsClassifier:
+    groups, metadata = read_asset(path or asset_path(CLASSIFIER_ASSET), expected_sha256)
     model = DigitsClassifier(resolution=metadata.get("resolution", DIGITS_RESOLUTION))
     model.load_state_dict(groups["classifier"])
     return model.to(device).eval().requires_grad_(False)

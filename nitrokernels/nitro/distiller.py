@@ -48,6 +48,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -59,10 +60,13 @@ import torch.nn as nn
 
 from nitrokernels.nitro.discriminator import DynamicDiscriminator
 
-__all__ = ["DistillConfig", "NitroDistiller", "PromptBank", "CheckpointError", "load_unet_weights", "save_image_grid"]
+__all__ = ["DistillConfig", "NitroDistiller", "PromptBank", "CheckpointError", "load_unet_weights", "save_image_grid",
+           "convert_legacy_checkpoint", "state_digest"]
 
 log = logging.getLogger("nitrokernels")
-CHECKPOINT_FORMAT = "nitrokernels-nitrofusion-distill-v1"
+CHECKPOINT_FORMAT = "nitrokernels-nitrofusion-distill-v2"
+# v1 files held numpy / pickled objects and need torch.load(weights_only=False): refused (convert_legacy_checkpoint)
+LEGACY_FORMATS = ("nitrokernels-nitrofusion-distill-v1",)
 CHECKPOINT_NAME = "checkpoint.pt"
 
 # Config fields that may differ between a checkpoint and the run that resumes it (everything else must match).
@@ -133,10 +137,39 @@ class DistillConfig:
             positive_int(name)
         for name in ("steps", "log_every", "sample_every", "checkpoint_every", "warmup_steps"):
             positive_int(name, 0)
+        def finite_number(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"DistillConfig.{name} must be a finite number, got {value!r}")
+
         for name in ("lr_student", "lr_heads", "weight_decay_student", "weight_decay_heads"):
+            finite_number(name)
             if not getattr(self, name) >= 0:
                 raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        self.betas_student, self.betas_heads = tuple(self.betas_student), tuple(self.betas_heads)
+        finite_number("teacher_guidance")
+        finite_number("shift")
+        for name in ("betas_student", "betas_heads"):
+            value = getattr(self, name)
+            try:
+                betas = tuple(value)
+            except TypeError:
+                betas = ()
+            if len(betas) != 2 or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0
+                                      for b in betas):
+                raise ValueError(f"DistillConfig.{name} must be two numbers in [0, 1), got {value!r}")
+            setattr(self, name, tuple(float(b) for b in betas))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63 - 12345:
+            raise ValueError(f"DistillConfig.seed must be an int in [0, 2**63 - 12345), got {self.seed!r}")
+        for name in ("resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DistillConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.out_dir is not None and not isinstance(self.out_dir, (str, os.PathLike)):
+            raise ValueError(f"DistillConfig.out_dir must be a path or None, got {self.out_dir!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError, ValueError) as err:
+                raise ValueError(f"DistillConfig.device {self.device!r} is not a torch device ({err})") from None
         try:
             self.train_steps = tuple(self.train_steps)
         except TypeError:
@@ -147,6 +180,10 @@ class DistillConfig:
                              f"got {self.train_steps!r}")
         if not 0 < self.shift <= 1000:
             raise ValueError(f"DistillConfig.shift must be in (0, 1000] (NitroSD: 250 Realism, 500 Vibrant), got {self.shift!r}")
+        for name in ("ema_decay", "grad_clip"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"DistillConfig.{name} must be a number or None, got {value!r}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"DistillConfig.ema_decay must be in [0, 1) or None, got {self.ema_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -233,18 +270,23 @@ def _cat_cond(a: Mapping, b: Mapping) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- weights
-def load_unet_weights(unet: nn.Module, path: str, prefix: str | None = None, strict: bool = True) -> nn.Module:
+def load_unet_weights(unet: nn.Module, path: str, prefix: str | None = None, strict: bool = True,
+                      expected_sha256: str | None = None) -> nn.Module:
     """Load a local safetensors file (e.g. nitrosd-realism_unet.safetensors) into a diffusers UNet.
 
     Keys may carry a prefix ("unet.", "model.diffusion_model." is NOT converted: use diffusers-format weights);
     `prefix=None` strips a leading "unet." when every key has it. Missing / unexpected keys or shape mismatches
-    raise a ValueError naming the first few.
+    raise a ValueError naming the first few. `expected_sha256`: the file's published sha256 (checked first); a
+    tensors digest nitrokernels stored in the metadata is always verified (nitro.pipeline.verify_safetensors).
     """
     from safetensors.torch import load_file
+
+    from nitrokernels.nitro.pipeline import verify_safetensors
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_unet_weights: {path} is not a file")
     state = load_file(path)
+    verify_safetensors(path, state, expected_sha256)
     if prefix is None and state and all(k.startswith("unet.") for k in state):
         prefix = "unet."
     if prefix:
@@ -324,6 +366,45 @@ def _unet_out(output):
 
 
 # --------------------------------------------------------------------------------------------- trainer
+def _check_models(teacher, student, teacher_scheduler, prompts, config) -> None:
+    """Constructor checks of NitroDistiller: what would otherwise fail deep inside the first step."""
+    if not isinstance(config, DistillConfig):
+        raise TypeError(f"NitroDistiller: config must be a DistillConfig, got {type(config).__name__}")
+    for name, model in (("teacher", teacher), ("student", student)):
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"NitroDistiller: {name} must be a diffusers UNet (an nn.Module with .config), "
+                            f"got {type(model).__name__}")
+        if next(model.parameters(), None) is None:
+            raise ValueError(f"NitroDistiller: {name} has no parameters")
+
+    def cfg(model, key):
+        c = model.config
+        return c.get(key) if isinstance(c, Mapping) else getattr(c, key, None)
+
+    for key in ("in_channels", "out_channels", "sample_size", "cross_attention_dim"):
+        t, s = cfg(teacher, key), cfg(student, key)
+        if t is not None and s is not None and t != s:
+            raise ValueError(f"NitroDistiller: student {key}={s!r} but teacher {key}={t!r}; the student must take the "
+                             f"teacher's inputs and conditioning (e.g. a copy of the teacher)")
+    if teacher_scheduler is None or not all(hasattr(teacher_scheduler, a) for a in ("set_timesteps", "step")):
+        raise TypeError(f"NitroDistiller: teacher_scheduler must be a diffusers scheduler (set_timesteps, step, "
+                        f"timesteps), got {type(teacher_scheduler).__name__}")
+    if prompts is None or not callable(prompts):
+        raise TypeError(f"NitroDistiller: prompts must be a PromptBank (or a callable (batch, generator, device) -> "
+                        f"(cond, uncond, indices)), got {type(prompts).__name__}")
+    if config.teacher_guidance != 1.0 and isinstance(prompts, PromptBank) and prompts.uncond is None:
+        raise ValueError(f"NitroDistiller: teacher_guidance={config.teacher_guidance} needs the empty prompt: the "
+                         f"PromptBank has no uncond kwargs")
+    if isinstance(prompts, PromptBank):
+        width = cfg(teacher, "cross_attention_dim")
+        for part, kwargs in (("cond", prompts.cond), ("uncond", prompts.uncond or {})):
+            ehs = kwargs.get("encoder_hidden_states")
+            if isinstance(width, int) and isinstance(ehs, torch.Tensor) and ehs.shape[-1] != width:
+                raise ValueError(f"NitroDistiller: the PromptBank's {part} encoder_hidden_states have width "
+                                 f"{ehs.shape[-1]} (shape {tuple(ehs.shape)}) but the teacher's cross_attention_dim "
+                                 f"is {width}")
+
+
 class NitroDistiller:
     """NitroFusion adversarial distillation of a one-step student; see the module docstring.
 
@@ -347,6 +428,7 @@ class NitroDistiller:
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None, grid_prompts: torch.Tensor | None = None):
         from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
 
+        _check_models(teacher, student, teacher_scheduler, prompts, config)
         self.config = config
         self.device = torch.device(config.device or next(student.parameters()).device)
         self.teacher = teacher.to(self.device).requires_grad_(False).eval()
@@ -598,6 +680,10 @@ class NitroDistiller:
             if cfg.resume and os.path.exists(path) and self.step == 0:
                 self.load_checkpoint(path)
                 log.info("NitroDistiller: resumed from %s at step %d", path, self.step)
+            _remove_stale_tmp_files(path)
+            # rows of steps after the state we continue from (written before a kill, before their checkpoint)
+            # would be repeated: drop them, and a half-written last line
+            _truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), self.step)
         bar = None
         if cfg.progress and self.step < total:
             from tqdm.auto import tqdm
@@ -692,7 +778,10 @@ class NitroDistiller:
                 "num_heads": self.disc.num_heads}
 
     def state_dict(self) -> dict:
+        """Everything a resumed run needs, as plain containers, numbers, strings and tensors only (what
+        torch.load(weights_only=True) reads back; no pickled objects)."""
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        np_state = np.random.get_state()
         return {
             "format": CHECKPOINT_FORMAT,
             "config": self.config.fingerprint(),
@@ -703,24 +792,29 @@ class NitroDistiller:
             "heads": self.disc.heads_state_dict(),
             "opt_student": self.opt_student.state_dict(),
             "opt_heads": self.opt_heads.state_dict(),
-            "sched_student": self.sched_student.state_dict(),
-            "sched_heads": self.sched_heads.state_dict(),
+            "sched_student": _plain(self.sched_student.state_dict()),
+            "sched_heads": _plain(self.sched_heads.state_dict()),
             "scaler": self.scaler.state_dict(),
             "rng": {"host": self.host_gen.get_state(), "device": self.dev_gen.get_state(),
                     "torch": torch.get_rng_state(), "cuda": cuda_rng, "python": random.getstate(),
-                    "numpy": np.random.get_state()},
+                    "numpy": [str(np_state[0]), torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                              int(np_state[3]), float(np_state[4])]},
             "history": self.history,
         }
 
     def save_checkpoint(self, path: str | None = None) -> str:
-        """Write the full training state atomically (tmp file + fsync + os.replace)."""
+        """Write the full training state atomically (tmp file + fsync + os.replace), with a sha256 digest of
+        every value (state_digest) that load_checkpoint verifies."""
         self._flush_log(0.0) if self._pending else None
         path = path or os.path.join(self.config.out_dir, CHECKPOINT_NAME)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _remove_stale_tmp_files(path)
         tmp = f"{path}.tmp-{os.getpid()}"
+        state = self.state_dict()
+        state["digest"] = state_digest(state)
         try:
             with open(tmp, "wb") as f:
-                torch.save(self.state_dict(), f)
+                torch.save(state, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -730,18 +824,16 @@ class NitroDistiller:
         return path
 
     def load_checkpoint(self, path: str) -> None:
-        """Restore everything saved by save_checkpoint. Refuses (CheckpointError, nothing modified) a corrupt
-        file, another format, or a checkpoint of a different configuration or model."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # truncated / garbage / not a torch file
-            raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err}); "
-                                  f"it was not loaded") from err
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise CheckpointError(f"checkpoint {path} is not a NitroDistiller checkpoint (format {found!r}, expected "
-                                  f"{CHECKPOINT_FORMAT!r})")
+        """Restore everything saved by save_checkpoint. The file is read with torch.load(weights_only=True)
+        (a checkpoint cannot run code), its digest is verified, and every entry is checked against this run
+        (keys, shapes, dtypes of the student, EMA, heads, both optimisers' states, schedulers, scaler, RNG states)
+        before anything is modified. Refuses (CheckpointError, nothing modified) a corrupt or tampered file,
+        another or an older format (see convert_legacy_checkpoint), or a checkpoint of a different
+        configuration or model."""
+        state = _read_checkpoint(path)
         mine, theirs = self.config.fingerprint(), state.get("config", {})
+        if not isinstance(theirs, dict):
+            raise CheckpointError(f"checkpoint {path}: 'config' is a {type(theirs).__name__}, expected a dict")
         diff = sorted(k for k in set(mine) | set(theirs) if _jsonable(mine.get(k)) != _jsonable(theirs.get(k)))
         if diff:
             details = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in diff[:6])
@@ -750,13 +842,16 @@ class NitroDistiller:
         if state.get("model") != self._model_signature():
             raise CheckpointError(f"checkpoint {path} was written for a different student / discriminator (parameter "
                                   f"shapes or levels differ: {state.get('model')} vs {self._model_signature()})")
-        required = ("step", "student", "heads", "opt_student", "opt_heads", "rng")
+        required = ("step", "student", "ema", "heads", "opt_student", "opt_heads", "sched_student", "sched_heads",
+                    "scaler", "rng", "history")
         missing = [k for k in required if k not in state]
         if missing:
-            raise CheckpointError(f"checkpoint {path} is incomplete (missing {missing})")
+            raise CheckpointError(f"checkpoint {path} is incomplete (missing {missing}); nothing was loaded")
         if (state.get("ema") is None) != (self.ema is None):
             raise CheckpointError(f"checkpoint {path}: EMA {'present' if state.get('ema') is not None else 'absent'} "
                                   f"but this run has ema_decay={self.config.ema_decay}")
+        self._validate_state(path, state)
+
         self.student.load_state_dict(state["student"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
@@ -772,8 +867,278 @@ class NitroDistiller:
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        random.setstate(_as_tuple(rng["python"]))
+        np.random.set_state(_numpy_state(rng["numpy"]))
         self.step = int(state["step"])
-        self.history = list(state.get("history", []))
+        self.history = list(state["history"])
         self._pending.clear()
+
+    def _validate_state(self, path: str, state: dict) -> None:
+        """Check every entry of a checkpoint against this run without modifying anything (CheckpointError)."""
+        def fail(what):
+            raise CheckpointError(f"checkpoint {path}: {what}; nothing was loaded")
+
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            fail(f"'step' must be an int >= 0, got {step!r}")
+        _check_tensor_dict(fail, "student", state["student"], self.student.state_dict())
+        if self.ema is not None:
+            _check_tensor_dict(fail, "ema", state["ema"], self.ema.state_dict())
+        heads = state["heads"]
+        mine = self.disc.heads_state_dict()
+        if isinstance(heads, Mapping) and not any(k.startswith("ages.") for k in heads):  # older: no ages
+            mine = {k: v for k, v in mine.items() if not k.startswith("ages.")}
+        _check_tensor_dict(fail, "heads", heads, mine)
+        _check_optimizer_state(fail, "opt_student", state["opt_student"], self.opt_student)
+        _check_optimizer_state(fail, "opt_heads", state["opt_heads"], self.opt_heads)
+        for name in ("sched_student", "sched_heads"):
+            sched = state[name]
+            if not isinstance(sched, Mapping) or not isinstance(sched.get("last_epoch"), int) or \
+                    not isinstance(sched.get("base_lrs"), (list, tuple)) or \
+                    len(sched["base_lrs"]) != len(getattr(self, name).base_lrs):
+                fail(f"'{name}' is not a LambdaLR state of {len(getattr(self, name).base_lrs)} param group(s)")
+        scaler = state["scaler"]
+        if not isinstance(scaler, Mapping) or (self.scaler.is_enabled() and not scaler):
+            fail(f"'scaler' is not a GradScaler state (this run: fp16 scaling "
+                 f"{'on' if self.scaler.is_enabled() else 'off'})")
+        rng = state["rng"]
+        if not isinstance(rng, Mapping):
+            fail("'rng' is not a dict of generator states")
+        missing = [k for k in ("host", "device", "torch", "python", "numpy") if k not in rng]
+        if missing:
+            fail(f"'rng' lacks {missing}")
+        try:
+            torch.Generator().set_state(rng["host"])
+            torch.Generator(self.device).set_state(rng["device"])
+            torch.Generator().set_state(rng["torch"])
+            random.Random().setstate(_as_tuple(rng["python"]))
+            np.random.RandomState().set_state(_numpy_state(rng["numpy"]))
+        except Exception as err:
+            fail(f"'rng' holds an invalid generator state ({type(err).__name__}: {err})")
+        history = state["history"]
+        if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+            fail("'history' is not a list of log rows")
+
+
+# ----------------------------------------------------------------------------------- checkpoint files
+class _Unsafe(Exception):
+    pass
+
+
+def _plain(value):
+    """A scheduler's state dict without callables (LambdaLR keeps None for plain functions)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return None if callable(value) else value
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _numpy_state(value):
+    if not isinstance(value, (list, tuple)) or len(value) != 5 or not isinstance(value[1], torch.Tensor):
+        raise ValueError(f"numpy RNG state must be [name, key tensor, pos, has_gauss, gauss], got {type(value).__name__}")
+    return (str(value[0]), value[1].numpy().astype(np.uint32), int(value[2]), int(value[3]), float(value[4]))
+
+
+def state_digest(state) -> str:
+    """sha256 over a checkpoint state (every tensor's dtype, shape and bytes, every other value's repr, in a
+    fixed order; a top-level "digest" entry is skipped)."""
+    h = hashlib.sha256()
+
+    def feed(value):
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu()
+            h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+            if t.numel():
+                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, Mapping):
+            h.update(f"D{len(value)}:".encode())
+            for k in sorted(value, key=repr):
+                feed(k)
+                feed(value[k])
+        elif isinstance(value, (list, tuple)):
+            h.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}:".encode())
+            for v in value:
+                feed(v)
+        elif value is None or isinstance(value, (bool, int, float, str, bytes)):
+            h.update(f"{type(value).__name__}:{value!r};".encode())
+        else:
+            raise _Unsafe(f"a {type(value).__name__} value")
+
+    feed({k: v for k, v in state.items() if k != "digest"} if isinstance(state, Mapping) else state)
+    return h.hexdigest()
+
+
+def _read_checkpoint(path: str) -> dict:
+    """torch.load(weights_only=True) + format and digest checks (CheckpointError)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {path} holds pickled Python objects that only torch.load(weights_only=False) can read, "
+            f"which can run arbitrary code; it was refused. Files of nitrokernels' older format "
+            f"({', '.join(LEGACY_FORMATS)}) look like this: if, and only if, you trust where it came from, convert it "
+            f"once with nitrokernels.nitro.distiller.convert_legacy_checkpoint(src, dst)") from None
+    except Exception as err:  # truncated / garbage / not a torch file
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err}); "
+                              f"it was not loaded") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        hint = " (an older format: see convert_legacy_checkpoint)" if found in LEGACY_FORMATS else ""
+        raise CheckpointError(f"checkpoint {path} is not a NitroDistiller checkpoint (format {found!r}, expected "
+                              f"{CHECKPOINT_FORMAT!r}){hint}")
+    stored = state.get("digest")
+    if not isinstance(stored, str):
+        raise CheckpointError(f"checkpoint {path} has no digest; it was not loaded")
+    try:
+        actual = state_digest(state)
+    except _Unsafe as err:
+        raise CheckpointError(f"checkpoint {path} holds {err}, which a checkpoint never does; it was not loaded") from None
+    if actual != stored:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its content digest is {actual[:16]}..., the file "
+                              f"records {stored[:16]}... (flipped or edited bytes); it was not loaded")
+    return state
+
+
+def convert_legacy_checkpoint(src: str, dst: str) -> str:
+    """Rewrite a checkpoint of an older format (read with torch.load(weights_only=False): ONLY for files you
+    trust, unpickling runs code) as the current weights_only format with a digest. Returns dst."""
+    state = torch.load(src, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") not in LEGACY_FORMATS + (CHECKPOINT_FORMAT,):
+        raise CheckpointError(f"checkpoint {src} is not a NitroDistiller checkpoint")
+    state = dict(state)
+    rng = dict(state.get("rng", {}))
+    np_state = rng.get("numpy")
+    if isinstance(np_state, tuple) and len(np_state) == 5 and isinstance(np_state[1], np.ndarray):
+        rng["numpy"] = [str(np_state[0]), torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                        int(np_state[3]), float(np_state[4])]
+    state["rng"] = rng
+    for name in ("sched_student", "sched_heads"):
+        if name in state:
+            state[name] = _plain(state[name])
+    state.setdefault("history", [])
+    state["format"] = CHECKPOINT_FORMAT
+    state.pop("digest", None)
+    try:
+        state["digest"] = state_digest(state)
+    except _Unsafe as err:
+        raise CheckpointError(f"checkpoint {src} holds {err}; it cannot be converted") from None
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def _truncate_log(path: str, step: int) -> int:
+    """Keep the rows of log.jsonl with "step" <= `step` (and that parse); rewrite atomically. Returns the count
+    of rows dropped."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                ok = isinstance(row, dict) and int(row.get("step", 0)) <= step and line.endswith("\n")
+            except (ValueError, TypeError):
+                ok = False
+            if ok:
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        log.info("NitroDistiller: dropped %d log rows after step %d from %s (not in the checkpoint)", dropped, step, path)
+    return dropped
+
+
+def _remove_stale_tmp_files(path: str) -> list[str]:
+    """Delete `<path>.tmp-<pid>` files left by writers that died (their pid no longer runs) or by this process."""
+    folder, base = os.path.split(os.path.abspath(path))
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(base + ".tmp-"):
+            continue
+        pid = name[len(base) + 5:]
+        if not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and (os.name == "nt" or _pid_alive(int(pid))):
+            continue  # a live writer (or no safe liveness test on Windows)
+        try:
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: exists, someone else's
+        return True
+    return True
+
+
+def _check_tensor_dict(fail, name, theirs, mine) -> None:
+    if not isinstance(theirs, Mapping):
+        fail(f"'{name}' is a {type(theirs).__name__}, expected a state dict")
+    missing = [k for k in mine if k not in theirs]
+    unexpected = [k for k in theirs if k not in mine]
+    if missing or unexpected:
+        fail(f"'{name}' keys differ from this model: {len(missing)} missing {missing[:3]}, "
+             f"{len(unexpected)} unexpected {unexpected[:3]}")
+    for k, v in mine.items():
+        t = theirs[k]
+        if not isinstance(t, torch.Tensor):
+            fail(f"'{name}.{k}' is a {type(t).__name__}, expected a tensor")
+        if t.shape != v.shape or t.dtype != v.dtype:
+            fail(f"'{name}.{k}' is {t.dtype} {tuple(t.shape)}, this model has {v.dtype} {tuple(v.shape)}")
+
+
+def _check_optimizer_state(fail, name, theirs, optimizer) -> None:
+    if not isinstance(theirs, Mapping) or not isinstance(theirs.get("state"), Mapping) or \
+            not isinstance(theirs.get("param_groups"), (list, tuple)):
+        fail(f"'{name}' is not an optimiser state dict (state + param_groups)")
+    groups = optimizer.param_groups
+    if len(theirs["param_groups"]) != len(groups) or any(
+            not isinstance(g, Mapping) or not isinstance(g.get("params"), (list, tuple)) or len(g["params"]) != len(m["params"])
+            for g, m in zip(theirs["param_groups"], groups)):
+        fail(f"'{name}' has param groups of sizes "
+             f"{[len(g.get('params', ())) if isinstance(g, Mapping) else '?' for g in theirs['param_groups']]}, "
+             f"this optimiser {[len(g['params']) for g in groups]}")
+    params = {i: p for g, m in zip(theirs["param_groups"], groups) for i, p in zip(g["params"], m["params"])}
+    for pid, entry in theirs["state"].items():
+        if pid not in params:
+            fail(f"'{name}' has state for parameter id {pid!r}, which its param groups do not list")
+        p = params[pid]
+        if not isinstance(entry, Mapping):
+            fail(f"'{name}' state of parameter {pid} is a {type(entry).__name__}, expected a dict")
+        for key, value in entry.items():
+            if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "momentum_buffer"):
+                if not isinstance(value, torch.Tensor) or value.shape != p.shape or not value.is_floating_point():
+                    found = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+                    fail(f"'{name}' state '{key}' of parameter {pid} is {found}, the parameter is "
+                         f"{p.dtype} {tuple(p.shape)}")
+            elif key == "step":
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+                    isinstance(value, torch.Tensor) and value.shape in ((), (p.shape[0],) if p.dim() else ()))
+                if not ok:
+                    found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    fail(f"'{name}' state 'step' of parameter {pid} is {found}, expected a scalar or one per row "
+                         f"({p.shape[0] if p.dim() else 1})")

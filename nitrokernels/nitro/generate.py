@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unet", default=None,
                         help="UNet weights: a NitroSD-style UNet safetensors file (with --model), or a digits "
                              "student checkpoint written by `nitrokernels demo` (without --model)")
+    parser.add_argument("--unet-sha256", default=None, metavar="HEX",
+                        help="verify the --unet file against this sha256 (as `sha256sum` prints it) before loading; "
+                             "files nitrokernels wrote also carry a digest of their tensors, always verified")
     parser.add_argument("--num-images", type=int, default=1, help="how many images (default 1)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -90,7 +93,8 @@ def _run_digits(args, device, dtype) -> list:
     if args.unet is not None and not os.path.isfile(args.unet):
         raise GenerateError(f"digits student checkpoint {args.unet} does not exist")
     try:
-        unet, encoder, metadata = digits.load_pretrained_student(device=device, dtype=dtype, path=args.unet)
+        unet, encoder, metadata = digits.load_pretrained_student(device=device, dtype=dtype, path=args.unet,
+                                                                 expected_sha256=getattr(args, "unet_sha256", None))
     except FileNotFoundError as err:
         raise GenerateError(f"no digits student checkpoint: {err}") from err
     except Exception as err:  # a corrupt or foreign file
@@ -125,7 +129,8 @@ def _run_pipeline(args, device, dtype) -> list:
 
     try:
         pipe = load_pipeline(args.model, args.unet, shift=args.shift if args.shift is not None else 250,
-                             device=device, dtype=dtype, patch=not args.no_patch, cuda_graph=args.cuda_graph)
+                             device=device, dtype=dtype, patch=not args.no_patch, cuda_graph=args.cuda_graph,
+                             unet_sha256=getattr(args, "unet_sha256", None))
     except (FileNotFoundError, UNetWeightsError) as err:
         raise GenerateError(str(err)) from err
     tokenizer = getattr(pipe, "tokenizer", None)

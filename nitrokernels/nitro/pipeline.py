@@ -37,8 +37,12 @@ from torch import nn
 
 from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
 
-__all__ = ["GraphedPipelineParts", "UNetWeightsError", "check_unet_weights", "load_pipeline", "load_unet_weights",
-           "make_random_sdxl_pipeline", "prepare_pipeline", "resolve_device", "resolve_dtype"]
+__all__ = ["GraphedPipelineParts", "UNetWeightsError", "check_unet_weights", "file_sha256", "load_pipeline",
+           "load_unet_weights", "make_random_sdxl_pipeline", "prepare_pipeline", "resolve_device", "resolve_dtype",
+           "tensors_sha256", "verify_safetensors"]
+
+# safetensors metadata key of the tensors' digest in files nitrokernels writes (tensors_sha256)
+SHA256_METADATA_KEY = "nitrokernels.tensors_sha256"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -81,6 +85,70 @@ def _first(items: Sequence, n: int = _FIRST) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
+# --------------------------------------------------------------------------------------------- digests
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """sha256 of a file's bytes (what `sha256sum` prints and model hubs publish)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensors_sha256(tensors: Dict[str, torch.Tensor]) -> str:
+    """sha256 over {name: tensor} in name order (name, dtype, shape, bytes): what nitrokernels stores in the
+    metadata of the safetensors files it writes (SHA256_METADATA_KEY) and verifies on load."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_hex(expected_sha256) -> str:
+    if not isinstance(expected_sha256, str) or len(expected_sha256.strip()) != 64 or \
+            any(c not in "0123456789abcdef" for c in expected_sha256.strip().lower()):
+        raise ValueError(f"expected_sha256 must be 64 hex digits (a sha256 of the file), got {expected_sha256!r}")
+    return expected_sha256.strip().lower()
+
+
+def verify_safetensors(path: Union[str, os.PathLike], tensors: Optional[Dict[str, torch.Tensor]] = None,
+                       expected_sha256: Optional[str] = None) -> bool:
+    """Check a safetensors file: its bytes against `expected_sha256` (when given: for files of others), and its
+    tensors (`tensors` = the file's loaded contents, read here when None) against the digest in its metadata
+    (files nitrokernels wrote). Raises UNetWeightsError on a mismatch; returns whether a metadata digest was
+    verified (False: the file carries none)."""
+    path = os.fspath(path)
+    if expected_sha256 is not None:
+        expected = _check_hex(expected_sha256)
+        actual = file_sha256(path)
+        if actual != expected:
+            raise UNetWeightsError(f"{path}: sha256 {actual} does not match expected_sha256 {expected} (a corrupt, "
+                                   f"truncated or different file)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            stored = (f.metadata() or {}).get(SHA256_METADATA_KEY)
+            if stored is not None and tensors is None:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:
+        raise UNetWeightsError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+    if stored is None:
+        return False
+    actual = tensors_sha256(tensors)
+    if actual != stored:
+        raise UNetWeightsError(f"{path} is corrupt: its tensors' sha256 is {actual[:16]}..., the file records "
+                               f"{stored[:16]}... (flipped or edited bytes)")
+    return True
+
+
 # --------------------------------------------------------------------------------------------- UNet file
 def _read_safetensors_header(path: str) -> Dict[str, tuple]:
     """{key: shape} of a safetensors file, without reading the tensors; UNetWeightsError if unreadable."""
@@ -117,11 +185,14 @@ def check_unet_weights(path: str, unet: nn.Module) -> None:
 
 
 def load_unet_weights(path: Union[str, os.PathLike], unet_config_dir: Union[str, os.PathLike],
-                      unet_class=None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+                      unet_class=None, dtype: Optional[torch.dtype] = None,
+                      expected_sha256: Optional[str] = None) -> nn.Module:
     """Build the UNet described by `unet_config_dir/config.json` and fill it from the safetensors file `path`.
 
     The UNet is created on the meta device (no random init, no base weights read) and takes the file's tensors
-    (cast to `dtype` when given). Errors name the file and the first bad keys.
+    (cast to `dtype` when given). Errors name the file and the first bad keys. `expected_sha256`: the file's
+    published sha256, checked before anything is loaded; a digest nitrokernels stored in the file's metadata is
+    always verified (see verify_safetensors).
     """
     from safetensors.torch import load_file
 
@@ -129,6 +200,8 @@ def load_unet_weights(path: Union[str, os.PathLike], unet_config_dir: Union[str,
     if not os.path.isfile(path):
         raise FileNotFoundError(f"UNet weights file {path} does not exist" if not os.path.exists(path)
                                 else f"UNet weights path {path} is not a file")
+    if expected_sha256 is not None:
+        _check_hex(expected_sha256)
     if unet_class is None:
         from diffusers import UNet2DConditionModel as unet_class
     config = unet_class.load_config(os.fspath(unet_config_dir))
@@ -139,6 +212,7 @@ def load_unet_weights(path: Union[str, os.PathLike], unet_config_dir: Union[str,
         state = load_file(path, device="cpu")
     except Exception as err:
         raise UNetWeightsError(f"{path}: reading the tensors failed ({type(err).__name__}: {err})") from err
+    verify_safetensors(path, state, expected_sha256)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     unet.load_state_dict(state, strict=True, assign=True)
@@ -285,14 +359,15 @@ def prepare_pipeline(pipe, *, shift: Union[int, float] = 250, patch: bool = True
 
 def load_pipeline(base_model: Union[str, os.PathLike], unet_weights: Union[str, os.PathLike, None] = None, *,
                   shift: Union[int, float] = 250, device=None, dtype=None, patch: bool = True,
-                  cuda_graph: bool = False, variant: Optional[str] = None):
+                  cuda_graph: bool = False, variant: Optional[str] = None, unet_sha256: Optional[str] = None):
     """A NitroSD diffusers pipeline from local files (see the module docstring).
 
     base_model: diffusers pipeline folder (SDXL or any UNet2DCondition pipeline). unet_weights: optional
     NitroSD-style UNet safetensors file. shift: the scheduler's timestep shift. device: default CUDA if
     available. dtype: default bfloat16 on CUDA, float32 on CPU. patch: fused UNet + VAE blocks. cuda_graph:
     CUDA-graph replay of the UNet and VAE decode (CUDA only). variant: the base model's weight variant
-    (e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors).
+    (e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors). unet_sha256: the published sha256 of the
+    unet_weights file, verified before it is loaded.
 
     Call the result with guidance_scale=0 and num_inference_steps in 1..4.
     """
@@ -314,22 +389,36 @@ def load_pipeline(base_model: Union[str, os.PathLike], unet_weights: Union[str, 
         raise ValueError(f"cuda_graph=True needs a CUDA device, got device={device}")
     TimestepShiftLCMScheduler(shift=shift)  # validate the shift before loading gigabytes
 
-    with open(index_path) as f:
-        index = json.load(f)
+    if unet_sha256 is not None and unet_weights is None:
+        raise ValueError("unet_sha256 is the digest of unet_weights; pass unet_weights too")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{index_path} is not valid JSON ({err}); expected a diffusers model_index.json") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_path} must hold a JSON object (component name -> [library, class]), "
+                         f"got a {type(index).__name__}")
     components: Dict[str, Any] = {}
     if unet_weights is not None:
-        library, class_name = (index.get("unet") or [None, None])[:2]
+        entry = index.get("unet") or [None, None]
+        if not isinstance(entry, (list, tuple)) or len(entry) < 2:
+            raise ValueError(f"{index_path}: 'unet' must be [library, class name], got {entry!r}")
+        library, class_name = entry[:2]
         if class_name is None:
             raise ValueError(f"{index_path} lists no unet component; unet_weights needs a UNet pipeline")
         if library != "diffusers":
             raise ValueError(f"{index_path}: the unet is {library}.{class_name}; only diffusers UNets are supported")
         import diffusers
 
+        if not isinstance(class_name, str) or not hasattr(diffusers, class_name):
+            raise ValueError(f"{index_path}: the unet class {class_name!r} is not a diffusers class")
         unet_dir = os.path.join(base_model, "unet")
         if not os.path.isfile(os.path.join(unet_dir, "config.json")):
             raise FileNotFoundError(f"{unet_dir}/config.json is missing: the UNet config of the base model is "
                                     "needed to load unet_weights")
-        components["unet"] = load_unet_weights(unet_weights, unet_dir, getattr(diffusers, class_name), dtype)
+        components["unet"] = load_unet_weights(unet_weights, unet_dir, getattr(diffusers, class_name), dtype,
+                                               expected_sha256=unet_sha256)
     pipe = DiffusionPipeline.from_pretrained(base_model, local_files_only=True, variant=variant,
                                              **{_dtype_keyword(): dtype}, **components)
     pipe = pipe.to(device)
