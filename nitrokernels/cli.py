@@ -88,10 +88,17 @@ def _run_bench(args) -> int:
         print(f"nitrokernels bench: no benchmarks folder at {args.path} (pass --path; benchmarks live in a "
               "source checkout, not in the installed package)", file=sys.stderr)
         return 2
+    try:  # unknown suite names are an error on every machine (before the GPU check)
+        suites = _bench_suites(args.path, args.suites)
+    except SystemExit as err:
+        print(err, file=sys.stderr)
+        return 2
+    if not suites:
+        print(f"nitrokernels bench: no bench_*.py suites in {args.path}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("nitrokernels bench: no CUDA GPU here; the benchmarks time GPU kernels and are skipped.")
         return 0
-    suites = _bench_suites(args.path, args.suites)
     env = dict(os.environ, **({"NITROKERNELS_BENCH_OUT": args.out} if args.out else {}))
     failed = []
     for suite in (bar := tqdm(suites, desc="benchmarks", unit="suite")):
@@ -141,10 +148,70 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+SEED_LIMIT = 2 ** 63 - 2 ** 20  # torch generators take < 2**64; the commands add offsets to the seed
+
+
+class UsageError(Exception):
+    """A bad command-line value: printed as one line, exit status 2."""
+
+
+def check_common_args(args) -> None:
+    """Checks of the options several subcommands share (--device, --threads, --seed, --out, --num-images),
+    made before anything is loaded. Raises UsageError naming the option and the value."""
+    device = getattr(args, "device", None)
+    if device is not None:
+        import torch
+
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise UsageError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UsageError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        elif dev.type not in ("cpu", "cuda", "mps", "xpu"):
+            raise UsageError(f"--device {device}: unsupported device type {dev.type!r} (use cpu or cuda)")
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise UsageError(f"--seed must be in [0, 2**63 - 2**20), got {seed}")
+    for name in ("out", "save_student"):
+        path = getattr(args, name, None)
+        if not isinstance(path, str) or path == "__asset__":
+            continue
+        flag = "--" + name.replace("_", "-")
+        probe = os.path.abspath(path if name == "out" else os.path.dirname(os.path.abspath(path)))
+        if name == "out" and os.path.exists(probe) and not os.path.isdir(probe):
+            raise UsageError(f"{flag} {path}: exists and is not a folder")
+        parent = probe
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if parent and not os.path.isdir(parent):
+            raise UsageError(f"{flag} {path}: {parent} is a file, so no folder can be made under it")
+        if parent and not os.access(parent, os.W_OK):
+            raise UsageError(f"{flag} {path}: {parent} is not writable")
+
+
 def main(argv=None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        check_common_args(args)
+    except UsageError as err:
+        print(f"nitrokernels {args.command}: {err}", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (OSError, ValueError, UsageError) as err:
+        # user-facing failures (files, bad values) as one line; NITROKERNELS_DEBUG=1 shows the traceback
+        if os.environ.get("NITROKERNELS_DEBUG"):
+            raise
+        print(f"nitrokernels {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2

@@ -56,7 +56,58 @@ def test_bench_without_gpu_skips_cleanly():
     assert "no CUDA GPU" in proc.stdout
 
 
-def test_bench_unknown_suite_is_refused(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(SystemExit, match="unknown suite"):
-        cli.main(["bench", "no_such_suite"])
+@pytest.mark.parametrize("gpu", [True, False])
+def test_bench_unknown_suite_is_refused(monkeypatch, capsys, gpu):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert cli.main(["bench", "no_such_suite"]) == 2  # on a CPU machine too (it used to exit 0 there)
+    err = capsys.readouterr().err
+    assert "unknown suite(s) ['no_such_suite']" in err and "available: [" in err and "heads" in err
+
+
+# ------------------------------------------------------------------------------ bad values: one line, exit 2
+def _refused(capsys, argv, *needles):
+    status = cli.main(argv)
+    captured = capsys.readouterr()
+    assert status == 2, (argv, captured)
+    assert "Traceback" not in captured.err
+    for needle in needles:
+        assert needle in captured.err, (argv, captured.err)
+
+
+def test_bad_common_options_are_refused_without_a_traceback(capsys, tmp_path):
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    for command in (["demo"], ["generate", "--prompt", "3"]):
+        _refused(capsys, command + ["--device", "bogus"], "--device 'bogus' is not a torch device")
+        _refused(capsys, command + ["--seed", str(2 ** 64)], "--seed must be in")
+        _refused(capsys, command + ["--seed", "-1"], "--seed must be in")
+        _refused(capsys, command + ["--out", str(afile / "sub")], f"{afile} is a file")
+        _refused(capsys, command + ["--out", str(afile)], "is not a folder")
+    _refused(capsys, ["demo", "--threads", "-1"], "--threads must be >= 1, got -1")
+    _refused(capsys, ["demo", "--threads", "0"], "--threads must be >= 1, got 0")
+    if not torch.cuda.is_available():
+        _refused(capsys, ["demo", "--device", "cuda"], "no CUDA GPU")
+    _refused(capsys, ["demo", "--save-student", str(afile / "s.safetensors")], f"{afile} is a file")
+
+
+def test_generate_invalid_model_index_names_the_file(capsys, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{not json")
+    _refused(capsys, ["generate", "--prompt", "a cat", "--model", str(model), "--device", "cpu",
+                      "--out", str(tmp_path / "o")], "model_index.json is not valid JSON")
+    (model / "model_index.json").write_text("[1, 2]")
+    _refused(capsys, ["generate", "--prompt", "a cat", "--model", str(model), "--device", "cpu",
+                      "--out", str(tmp_path / "o")], "model_index.json must hold a JSON object")
+
+
+def test_generate_verifies_the_unet_sha256(capsys, tmp_path):
+    from nitrokernels.nitro import digits
+    from nitrokernels.nitro.pipeline import file_sha256
+
+    asset = digits.asset_path(digits.STUDENT_ASSET)
+    base = ["generate", "--prompt", "3", "--device", "cpu", "--out", str(tmp_path), "--unet", asset]
+    _refused(capsys, base + ["--unet-sha256", "0" * 64], "does not match expected_sha256")
+    _refused(capsys, base + ["--unet-sha256", "xyz"], "64 hex digits")
+    assert cli.main(base + ["--unet-sha256", file_sha256(asset)]) == 0
+    assert list(tmp_path.glob("*.png"))
