@@ -32,7 +32,7 @@ from typing import Iterable
 
 import torch
 
-from nitrokernels.ops.optim import needs_master, sampled_adamw_, state_dtype
+from nitrokernels.ops.optim import check_hyperparameters, needs_master, sampled_adamw_, state_dtype
 
 __all__ = ["SampledAdamW"]
 
@@ -41,19 +41,19 @@ class SampledAdamW(torch.optim.Optimizer):
     """AdamW that updates only the rows (dim 0) of each parameter present in its (sparse) gradient.
 
     Args: as torch.optim.AdamW (params, lr, betas, eps, weight_decay); amsgrad, maximize, foreach,
-    capturable and fused are not offered.
+    capturable and fused are not offered. Hyperparameters must be finite real numbers (lr, eps, weight_decay
+    >= 0, betas in [0, 1)). check_rows: verify the row indices of sparse gradients on the GPU too (one host
+    sync per step; CPU gradients are always checked): an out-of-range row raises a ValueError.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2):
-        if isinstance(lr, torch.Tensor) or not 0.0 <= lr:
-            raise ValueError(f"SampledAdamW: invalid learning rate {lr!r} (a non-negative float)")
-        if not 0.0 <= eps:
-            raise ValueError(f"SampledAdamW: invalid eps {eps!r}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, check_rows: bool = True):
+        if isinstance(lr, torch.Tensor):
+            raise TypeError(f"SampledAdamW: lr must be a float, not a tensor (got {lr!r})")
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
             raise ValueError(f"SampledAdamW: invalid betas {betas!r} (two values in [0, 1))")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"SampledAdamW: invalid weight_decay {weight_decay!r}")
+        check_hyperparameters("SampledAdamW", lr, betas[0], betas[1], eps, weight_decay)
+        self.check_rows = bool(check_rows)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     # ------------------------------------------------------------------------------------------ state
@@ -92,7 +92,8 @@ class SampledAdamW(torch.optim.Optimizer):
                 masters.append(state.get("master"))
             beta1, beta2 = group["betas"]
             sampled_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr=group["lr"], beta1=beta1,
-                           beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+                           beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                           check_rows=getattr(self, "check_rows", True))
         return loss
 
     @torch.no_grad()

@@ -26,6 +26,8 @@ below (groups the repeated rows on the host, which syncs on CUDA).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -51,7 +53,48 @@ def needs_master(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, masters) -> None:
+def check_hyperparameters(owner: str, lr, beta1, beta2, eps, weight_decay) -> None:
+    """Clear errors for hyperparameters that would otherwise give NaN weights or a torch-internal message:
+    each must be a real number (TypeError), finite, lr / eps / weight_decay >= 0, betas in [0, 1) (ValueError)."""
+    for name, value in (("lr (learning rate)", lr), ("betas[0] (beta1)", beta1), ("betas[1] (beta2)", beta2), ("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type == "cpu":
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
+        if name.startswith("betas"):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{owner}: {name} must be in [0, 1), got {value!r}")
+        elif value < 0:
+            raise ValueError(f"{owner}: {name} must be >= 0, got {value!r}")
+
+
+def check_sparse_rows(i: int, p: torch.Tensor, g: torch.Tensor, on_device: bool = True) -> None:
+    """Row indices of sparse grad `i` must lie in [0, p.shape[0]) (an invalid one would crash torch's coalesce
+    or write out of bounds in a kernel). CPU: always checked. Other devices: one host sync, when `on_device`
+    (skipped during CUDA-graph capture)."""
+    if not g.is_sparse:
+        return
+    idx = g._indices()
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"sampled_adamw_: sparse grad {i} has {idx.dtype} indices; expected int64")
+    if idx.numel() == 0:
+        return
+    if idx.device.type != "cpu":
+        if not on_device or (idx.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return
+    rows = idx[0]
+    low, high = int(rows.min()), int(rows.max())
+    if low < 0 or high >= p.shape[0]:
+        raise ValueError(f"sampled_adamw_: sparse grad {i} has row indices in [{low}, {high}], outside the "
+                         f"parameter's rows [0, {p.shape[0]}) (param shape {tuple(p.shape)})")
+    if g._values().shape[0] != idx.shape[1]:
+        raise ValueError(f"sampled_adamw_: sparse grad {i} has {idx.shape[1]} indices but {g._values().shape[0]} "
+                         f"value rows")
+
+
+def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, masters, check_rows: bool = True) -> None:
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == len(masters) == n):
         raise ValueError(f"sampled_adamw_: list lengths differ: params {n}, grads {len(grads)}, exp_avgs "
@@ -79,6 +122,7 @@ def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, masters) -> None:
             raise ValueError(f"sampled_adamw_: sparse grad {i} must have sparse_dim 1 (rows), got {g.sparse_dim()}")
         if g.layout not in (torch.strided, torch.sparse_coo):
             raise TypeError(f"sampled_adamw_: grad {i} has layout {g.layout}; use dense or sparse COO")
+        check_sparse_rows(i, p, g, on_device=check_rows)
         if s.shape != (p.shape[0],) or s.dtype != torch.float32 or s.device != p.device:
             raise ValueError(f"sampled_adamw_: steps {i} must be float32 [{p.shape[0]}] on {p.device}, got "
                              f"{s.dtype} {tuple(s.shape)} on {s.device}")
@@ -87,12 +131,14 @@ def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, masters) -> None:
 def sampled_adamw_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                    exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
                    masters: Sequence[torch.Tensor | None] | None = None, *, lr: float, beta1: float,
-                   beta2: float, eps: float, weight_decay: float) -> None:
+                   beta2: float, eps: float, weight_decay: float, check_rows: bool = True) -> None:
     """Apply one sampled AdamW step in place (see the module docstring); checks inputs, then dispatches.
-    `masters`: per param its float32 master copy (bf16/fp16 params) or None; default all None."""
+    `masters`: per param its float32 master copy (bf16/fp16 params) or None; default all None.
+    `check_rows`: verify sparse row indices on GPU too (one host sync; CPU tensors are always checked)."""
+    check_hyperparameters("sampled_adamw_", lr, beta1, beta2, eps, weight_decay)
     params, grads, exp_avgs, exp_avg_sqs, steps = map(list, (params, grads, exp_avgs, exp_avg_sqs, steps))
     masters = [None] * len(params) if masters is None else list(masters)
-    _check_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, masters)
+    _check_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, masters, check_rows)
     if not params:
         return
     sampled_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr=float(lr), beta1=float(beta1),
