@@ -118,9 +118,10 @@ def _validate(q, k, v, scale, attn_mask, dropout_p, is_causal):
         raise ValueError(f"attention: q and k head dims differ: {q.shape[3]} vs {k.shape[3]}")
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"attention: k and v lengths differ: {k.shape[2]} vs {v.shape[2]}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and math.isfinite(scale)):
         raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
@@ -129,6 +130,12 @@ def _validate(q, k, v, scale, attn_mask, dropout_p, is_causal):
             raise TypeError(f"attention: attn_mask must be bool or {q.dtype} (the query dtype), got {attn_mask.dtype}")
         if is_causal:
             raise ValueError("attention: pass either attn_mask or is_causal=True, not both")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attention: attn_mask is on {attn_mask.device}, q on {q.device}")
+        target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target))):
+            raise ValueError(f"attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"[batch, heads, q_len, k_len] = {list(target)}")
 
 
 def _triton_reasons(q, k, v, *, scale=None, attn_mask=None, dropout_p=0.0, is_causal=False) -> list[str]:

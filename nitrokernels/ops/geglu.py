@@ -151,7 +151,18 @@ def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
             return _geglu_dispatch(x, weight, bias)
+    _check_dtypes(x, weight, bias)
     return _geglu_dispatch(x, weight, bias)
+
+
+def _check_dtypes(x, weight, bias):
+    """Outside autocast x, weight and bias must share one floating dtype (as F.linear needs)."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"geglu: {name} must be floating point, got {t.dtype}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"geglu: x, weight and bias must share a dtype (or run under torch.autocast), got x "
+                        f"{x.dtype}, weight {weight.dtype}" + (f", bias {bias.dtype}" if bias is not None else ""))
 
 
 def _geglu_dispatch(x, weight, bias):

@@ -39,6 +39,7 @@ Both entry points run the same implementations.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -402,6 +403,8 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
                     act: str | None = "silu") -> torch.Tensor:
     """act(GroupNorm(x + temb[:, :, None, ...], num_groups, weight, bias, eps)); see the module docstring."""
     act_flag = _check_inputs(x, num_groups, weight, bias, temb, act)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"group_norm_silu: eps must be a finite number >= 0, got {eps!r}")
     if temb is not None:
         n, c = x.shape[0], x.shape[1]
         temb = temb.reshape(temb.shape[0], c)

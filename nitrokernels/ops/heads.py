@@ -65,6 +65,8 @@ on a GPU at the price of a sync.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from typing import Sequence
 
@@ -206,6 +208,45 @@ def _validate_levels(features, conv_weights, conv_biases, norm_weights, norm_bia
             fail(f"level {l}'s final conv {tuple(final_weights[l].shape[1:])} on a {info['sizes'][-1]}x"
                  f"{info['sizes'][-1]} map differs from level 0's: all levels' final layers run in one launch")
     return infos
+
+
+def _check_arguments(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights, final_biases,
+                     counts, row_offsets, num_groups, eps, where="head_levels") -> None:
+    """What must hold before the per-level lists are flattened and the scalars converted (after that a wrong
+    count of tensors would be re-cut silently, num_groups=2.5 would become 2): the nesting of every per-level
+    list matches conv_weights', and num_groups / eps / counts / row_offsets have their types."""
+    def fail(msg):
+        raise ValueError(f"{where}: {msg}")
+
+    for name, seq in (("features", features), ("conv_weights", conv_weights), ("conv_biases", conv_biases),
+                      ("norm_weights", norm_weights), ("norm_biases", norm_biases), ("final_weights", final_weights),
+                      ("final_biases", final_biases), ("counts", counts)):
+        if isinstance(seq, Tensor) or not isinstance(seq, Sequence):
+            fail(f"{name} must be a list (one entry per level), got {type(seq).__name__}")
+    n = len(features)
+    for name, seq in (("conv_weights", conv_weights), ("conv_biases", conv_biases), ("norm_weights", norm_weights),
+                      ("norm_biases", norm_biases), ("final_weights", final_weights), ("final_biases", final_biases),
+                      ("counts", counts)):
+        if len(seq) != n:
+            fail(f"{name} has {len(seq)} entries for {n} levels (features)")
+    for l in range(n):
+        if isinstance(conv_weights[l], Tensor) or not isinstance(conv_weights[l], Sequence):
+            fail(f"conv_weights[{l}] must be a list of per-layer tensors, got {type(conv_weights[l]).__name__}")
+        depth = len(conv_weights[l])
+        for name, seq in (("conv_biases", conv_biases), ("norm_weights", norm_weights), ("norm_biases", norm_biases)):
+            if isinstance(seq[l], Tensor) or not isinstance(seq[l], Sequence) or len(seq[l]) != depth:
+                found = f"{len(seq[l])} tensors" if isinstance(seq[l], Sequence) and not isinstance(seq[l], Tensor) \
+                    else type(seq[l]).__name__
+                fail(f"{name} has {found} at level {l} ({name}[{l}]) but conv_weights[{l}] has {depth} layer(s)")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
+        fail(f"num_groups must be a positive int, got {num_groups!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or not eps > 0:
+        fail(f"eps must be a finite number > 0, got {eps!r}")
+    for name, seq in (("counts", counts), ("row_offsets", row_offsets if row_offsets is not None else [])):
+        for i, c in enumerate(seq):
+            if isinstance(c, bool) or not isinstance(c, (numbers.Integral, Tensor)) or \
+                    (isinstance(c, Tensor) and (c.numel() != 1 or c.is_floating_point())):
+                fail(f"{name}[{i}] must be an int, got {c!r}")
 
 
 _BOUNDS: dict = {}
@@ -673,6 +714,8 @@ def head_levels(features: Sequence[Tensor], conv_weights: Sequence[Sequence[Tens
     """Logits of the sampled heads of several feature levels in ONE op: [H, B] or [H, B, S', S'], rows in the
     order of `ids`. Level l's heads are rows ids[o_l : o_l + counts[l]] - row_offsets[l] of its pooled
     tensors (o_l = sum(counts[:l]); row_offsets default 0). See the module docstring."""
+    _check_arguments(features, conv_weights, conv_biases, norm_weights, norm_biases, final_weights, final_biases,
+                     counts, row_offsets, num_groups, eps)
     depths = [len(w) for w in conv_weights]
     row_offsets = [0] * len(features) if row_offsets is None else [int(r) for r in row_offsets]
     out, _, _, _, _ = torch.ops.nitrokernels.head_levels_fwd(

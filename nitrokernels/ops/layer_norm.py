@@ -8,6 +8,8 @@ LayerNorm in the transformer blocks is fusing it into the next GEMM's prologue, 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -30,9 +32,28 @@ def _example(device):
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """F.layer_norm (torch's fused kernel on every device; see the module docstring for why)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"layer_norm: x must be a floating-point Tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
-    normalized_shape = tuple(normalized_shape)
+    try:
+        normalized_shape = tuple(int(s) for s in normalized_shape)
+    except (TypeError, ValueError):
+        raise TypeError(f"layer_norm: normalized_shape must be an int or a sequence of ints, got "
+                        f"{normalized_shape!r}") from None
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"layer_norm: eps must be a finite number >= 0, got {eps!r}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"layer_norm: {name} must be a Tensor or None, got {type(p).__name__}")
+        if tuple(p.shape) != normalized_shape:
+            raise ValueError(f"layer_norm: {name} must have shape normalized_shape {normalized_shape}, got "
+                             f"{tuple(p.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"layer_norm: {name} is on {p.device} but x is on {x.device}")
     if tuple(x.shape[x.dim() - len(normalized_shape):]) != normalized_shape:
         raise ValueError(f"layer_norm: input of shape {tuple(x.shape)} does not end with normalized_shape "
                          f"{normalized_shape}")
