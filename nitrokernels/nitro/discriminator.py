@@ -162,6 +162,16 @@ class DynamicDiscriminator(nn.Module):
             if not hasattr(backbone_unet, attr):
                 raise TypeError(f"DynamicDiscriminator: backbone_unet must be a diffusers UNet2DConditionModel-like "
                                 f"module (missing .{attr}); got {type(backbone_unet).__name__}")
+        for name, value in (("hidden", hidden), ("num_groups", num_groups), ("local_size", local_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DynamicDiscriminator: {name} must be a positive int, got {value!r}")
+        if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
+            raise ValueError(f"DynamicDiscriminator: resolution must be a positive int or None, got {resolution!r}")
+        if not isinstance(head_dtype, torch.dtype) or not head_dtype.is_floating_point:
+            raise ValueError(f"DynamicDiscriminator: head_dtype must be a floating torch.dtype, got {head_dtype!r}")
+        if not isinstance(backbone_unet, nn.Module) or next(backbone_unet.parameters(), None) is None:
+            raise TypeError(f"DynamicDiscriminator: backbone_unet must be an nn.Module with parameters, got "
+                            f"{type(backbone_unet).__name__}")
         self.resolution = int(resolution or backbone_unet.config.sample_size)
         derived = backbone_levels(backbone_unet, self.resolution)
         if levels is not None:
@@ -179,7 +189,14 @@ class DynamicDiscriminator(nn.Module):
         alphas = (sd_alphas_cumprod() if alphas_cumprod is None else torch.as_tensor(alphas_cumprod)).double()
         if alphas.dim() != 1 or not len(alphas):
             raise ValueError(f"DynamicDiscriminator: alphas_cumprod must be a non-empty 1-D tensor, got {tuple(alphas.shape)}")
-        t_star = tuple(int(t) for t in t_star)
+        try:
+            t_list = list(t_star)
+        except TypeError:
+            raise ValueError(f"DynamicDiscriminator: t_star must be a sequence of int timesteps, got {t_star!r}") from None
+        bad = [t for t in t_list if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)) or int(t) != t]
+        if bad:
+            raise ValueError(f"DynamicDiscriminator: t_star values must be ints, got {bad}")
+        t_star = tuple(int(t) for t in t_list)
         if not t_star:
             raise ValueError("DynamicDiscriminator: t_star is empty (the paper uses (10, 250, 500, 750))")
         bad = [t for t in t_star if not 0 <= t < len(alphas)]

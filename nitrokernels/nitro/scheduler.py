@@ -245,16 +245,26 @@ class TimestepShiftLCMScheduler(SchedulerMixin, ConfigMixin):
             value = int(timestep.item())
         exposed, other = ((self._model_list, self._lcm_list) if self.config.timesteps_mode == "model"
                           else (self._lcm_list, self._model_list))
-        for schedule in (exposed, other):
-            if value in schedule:
-                self._step_index = schedule.index(value)
+        found = [schedule.index(value) if value in schedule else None for schedule in (exposed, other)]
+        if found[0] is not None and found[1] is not None and found[0] != found[1] and found[0] != 0:
+            names = ("LCM", "model") if self.config.timesteps_mode == "lcm" else ("model", "LCM")
+            raise ValueError(f"timestep {value} is ambiguous: it is step {found[0]}'s {names[0]} timestep and step "
+                             f"{found[1]}'s {names[1]} timestep (LCM timesteps {self._lcm_list}, model timesteps "
+                             f"{self._model_list}); pass step_index= to step() or call set_begin_index(i) first")
+        for index in found:
+            if index is not None:
+                self._step_index = index
                 return
         raise ValueError(f"timestep {value} is not in this schedule (LCM timesteps {self._lcm_list}, model "
                          f"timesteps {self._model_list}); call set_timesteps first")
 
     def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
-             generator: Union[torch.Generator, List[torch.Generator], None] = None, return_dict: bool = True):
+             generator: Union[torch.Generator, List[torch.Generator], None] = None, return_dict: bool = True,
+             step_index: Optional[int] = None):
         """One NitroFusion/LCM step. `timestep` is the current step's LCM or model timestep (either is accepted).
+        `step_index` (optional) says which step this is; needed only where a first timestep is ambiguous (a model
+        timestep equal to another step's LCM timestep): without it, such a timestep is refused, except when it
+        is the first exposed (`.timesteps[0]`) one.
 
         Returns TimestepShiftLCMSchedulerOutput(prev_sample, denoised), or the tuple (prev_sample, denoised).
         The arithmetic runs in float32; outputs have the sample's dtype. Fresh noise (float32, then cast) is drawn
@@ -262,6 +272,12 @@ class TimestepShiftLCMScheduler(SchedulerMixin, ConfigMixin):
         """
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step()")
+        if step_index is not None:
+            if isinstance(step_index, bool) or not isinstance(step_index, numbers.Integral) \
+                    or not 0 <= step_index < self.num_inference_steps:
+                raise ValueError(f"step: step_index must be an int in [0, {self.num_inference_steps}), "
+                                 f"got {step_index!r}")
+            self._step_index = int(step_index)
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index

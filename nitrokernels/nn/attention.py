@@ -88,6 +88,19 @@ class NitroAttnProcessor:
             return "pre_only attention (no to_out)"
         return None
 
+    @staticmethod
+    def _fallback(attn):
+        """The diffusers processor that computes what `attn` means when this one cannot (added K/V
+        projections, only_cross_attention: AttnAddedKVProcessor2_0), or None (refused)."""
+        if getattr(attn, "added_kv_proj_dim", None) is not None or getattr(attn, "only_cross_attention", False):
+            try:
+                from diffusers.models.attention_processor import AttnAddedKVProcessor2_0
+            except ImportError:  # pragma: no cover - diffusers is what calls processors
+                return None
+            if getattr(attn, "to_q", None) is not None and getattr(attn, "to_out", None) is not None:
+                return AttnAddedKVProcessor2_0()
+        return None
+
     def __getstate__(self):  # deepcopy / pickle: the cache is per-process derived data, never copied
         state = dict(self.__dict__)
         state.pop("_cache", None)
@@ -141,6 +154,14 @@ class NitroAttnProcessor:
                 deprecate("scale", "1.0.0", _DEPRECATION)
             except ImportError:  # pragma: no cover - diffusers is what calls processors
                 pass
+
+        reason = self.unsupported_reason(attn)
+        if reason is not None:
+            # set directly on a module it cannot stand in for: run that module's original computation
+            fallback = self._fallback(attn)
+            if fallback is None:
+                _refuse(attn, reason)
+            return fallback(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -203,3 +224,8 @@ class NitroAttnProcessor:
 
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+
+def _refuse(attn, reason: str):
+    raise NotImplementedError(f"NitroAttnProcessor cannot compute this {type(attn).__name__}: {reason}; keep "
+                              f"diffusers' processor on it (patch_unet leaves such modules alone)")

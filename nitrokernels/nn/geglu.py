@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nitrokernels.ops.geglu import geglu
@@ -44,7 +45,13 @@ class FusedGEGLU(nn.Module):
         if len(args) > 0 or kwargs.get("scale", None) is not None:
             warnings.warn("FusedGEGLU: the `scale` argument is deprecated in diffusers and ignored",
                           FutureWarning, stacklevel=2)
-        return geglu(hidden_states, self.proj.weight, self.proj.bias)
+        proj = self.proj
+        if type(proj) is not nn.Linear or proj._forward_hooks or proj._forward_pre_hooks or "forward" in proj.__dict__:
+            # proj was wrapped or hooked after fusing (a LoRA layer, an offload or casting hook): the fused op
+            # would read proj.weight directly and skip it -- run diffusers' GEGLU math through the module
+            hidden, gate = proj(hidden_states).chunk(2, dim=-1)
+            return hidden * F.gelu(gate)
+        return geglu(hidden_states, proj.weight, proj.bias)
 
     def extra_repr(self) -> str:
         return f"dim_in={self.proj.in_features}, dim_out={self.proj.out_features // 2}, bias={self.proj.bias is not None}"

@@ -17,6 +17,13 @@ from nitrokernels.ops.group_norm import group_norm_silu
 __all__ = ["GroupNormSiLU"]
 
 
+def _check_eps(owner: str, eps) -> None:
+    import math
+
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{owner}: eps must be a finite number >= 0, got {eps!r}")
+
+
 class GroupNormSiLU(nn.Module):
     """act(GroupNorm(x + temb)) with torch.nn.GroupNorm's signature plus `act` ("silu" or None)."""
 
@@ -25,6 +32,10 @@ class GroupNormSiLU(nn.Module):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  act: str | None = "silu", device=None, dtype=None):
         super().__init__()
+        for name, value in (("num_groups", num_groups), ("num_channels", num_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GroupNormSiLU: {name} must be a positive int, got {value!r}")
+        _check_eps("GroupNormSiLU", eps)
         if num_channels % num_groups != 0:
             raise ValueError(f"GroupNormSiLU: num_channels={num_channels} is not divisible by num_groups={num_groups}")
         if act not in ("silu", "swish", None):
@@ -46,6 +57,8 @@ class GroupNormSiLU(nn.Module):
     @classmethod
     def from_group_norm(cls, norm: nn.GroupNorm, act: str | None = "silu") -> "GroupNormSiLU":
         """A GroupNormSiLU that shares `norm`'s Parameters (no copy; the same state-dict keys)."""
+        if not isinstance(norm, nn.GroupNorm):
+            raise TypeError(f"GroupNormSiLU.from_group_norm: expected an nn.GroupNorm, got {type(norm).__name__}")
         fused = cls(norm.num_groups, norm.num_channels, eps=norm.eps, affine=False, act=act)
         fused.affine = norm.affine
         fused.weight, fused.bias = norm.weight, norm.bias

@@ -212,12 +212,15 @@ class HeadPool(nn.Module):
                 raise ValueError(f"HeadPool: {name} must be a positive int, got {value!r}")
         if hidden % num_groups:
             raise ValueError(f"HeadPool: hidden ({hidden}) must be divisible by num_groups ({num_groups})")
-        if not eps > 0:
-            raise ValueError(f"HeadPool: eps must be > 0, got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not eps > 0:
+            raise ValueError(f"HeadPool: eps must be a finite number > 0, got {eps!r}")
         try:
-            levels = tuple((int(c), int(s)) for c, s in levels)
+            pairs = [(c, s) for c, s in levels]
+            if any(isinstance(v, bool) or int(v) != v for pair in pairs for v in pair):
+                raise ValueError
+            levels = tuple((int(c), int(s)) for c, s in pairs)
         except (TypeError, ValueError):
-            raise ValueError(f"HeadPool: levels must be a sequence of (channels, size) pairs, got {levels!r}") from None
+            raise ValueError(f"HeadPool: levels must be a sequence of (channels, size) int pairs, got {levels!r}") from None
         if not levels:
             raise ValueError("HeadPool: levels is empty")
         target = 4 if kind == "global" else local_size

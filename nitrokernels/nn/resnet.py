@@ -60,6 +60,10 @@ def _fused_forward(self, input_tensor, temb, *args, **kwargs):
             self.time_emb_proj is None and temb is not None and self.time_embedding_norm == "default"):
         # deprecated `scale` (the original warns), or a raw temb added without projection: the original's job
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
+    if _bypassed_now(self) is not None:
+        # changed since fusing (hooks added, a norm / the activation replaced, e.g. by layerwise casting):
+        # the fused path would skip what was added -- run the original computation
+        return type(self).forward(self, input_tensor, temb, *args, **kwargs)
     norm1, norm2 = self.norm1, self.norm2
     hidden_states = group_norm_silu(input_tensor, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps)
 
@@ -97,6 +101,22 @@ def _fused_forward(self, input_tensor, temb, *args, **kwargs):
 
 def _is_fused(block: nn.Module) -> bool:
     return getattr(block.__dict__.get("forward"), "__func__", None) is _fused_forward
+
+
+def _bypassed_now(block: nn.Module) -> str | None:
+    """The call-time part of resnet_block_unsupported_reason: what the fused forward would bypass now."""
+    if type(block.nonlinearity) is not nn.SiLU:
+        return "nonlinearity"
+    for name in ("norm1", "norm2"):
+        norm = getattr(block, name)
+        if type(norm) is not nn.GroupNorm or "forward" in norm.__dict__:
+            return name
+    for name in ("norm1", "norm2", "nonlinearity"):
+        if _has_hooks(getattr(block, name)):
+            return name
+    if block.time_embedding_norm == "scale_shift":
+        return "time_embedding_norm"
+    return None
 
 
 def resnet_block_unsupported_reason(block: nn.Module) -> str | None:
