@@ -10,7 +10,6 @@
 * UNet safetensors written here carry a sha256 that load_unet_weights verifies; expected_sha256= for others' files.
 """
 import copy
-import io
 import json
 import os
 import subprocess

@@ -111,3 +111,12 @@ def test_generate_verifies_the_unet_sha256(capsys, tmp_path):
     _refused(capsys, base + ["--unet-sha256", "xyz"], "64 hex digits")
     assert cli.main(base + ["--unet-sha256", file_sha256(asset)]) == 0
     assert list(tmp_path.glob("*.png"))
+
+
+def test_generate_main_refuses_bad_device_and_seed(capsys, tmp_path):
+    from nitrokernels.nitro import generate
+
+    assert generate.main(["--prompt", "3", "--device", "bogus", "--out", str(tmp_path)]) == 2
+    assert "device 'bogus' is not a torch device" in capsys.readouterr().err
+    assert generate.main(["--prompt", "3", "--seed", str(2 ** 64), "--out", str(tmp_path)]) == 2
+    assert "--seed must be in" in capsys.readouterr().err

@@ -160,6 +160,8 @@ def run(args) -> int:
             raise GenerateError(f"--num-images must be at least 1, got {args.num_images}")
         if not 1 <= args.steps <= 4:
             raise GenerateError(f"--steps must be 1, 2, 3 or 4, got {args.steps}")
+        if not (0 <= args.seed and args.seed + args.num_images <= 2 ** 63):
+            raise GenerateError(f"--seed must be in [0, 2**63 - num_images], got {args.seed}")
         from nitrokernels.nitro.pipeline import resolve_device, resolve_dtype
         from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
 

@@ -54,7 +54,11 @@ class UNetWeightsError(ValueError):
 
 
 def resolve_device(device=None) -> torch.device:
-    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    """None -> cuda when available, else cpu; a bad name raises ValueError naming it."""
+    try:
+        return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {err}") from None
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
