@@ -353,3 +353,69 @@ def test_fused_resnet_block_honours_changes_made_after_fusing():
         block.norm2._forward_hooks.clear()
         block.nonlinearity = nn.GELU()
         torch.testing.assert_close(block(x, temb), type(block).forward(block, x, temb))
+
+
+def test_scheduler_refuses_broadcasting_and_bad_scaling():
+    from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
+
+    sched = TimestepShiftLCMScheduler(shift=250)
+    sched.set_timesteps(1)
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"one shape .* got \(2, 4, 8, 8\) and \(1, 4, 8, 8\)"):
+        sched.step(torch.randn(2, 4, 8, 8), int(sched.timesteps[0]), x)  # used to broadcast to a batch of 2
+    with pytest.raises(ValueError, match="noise has shape"):
+        sched.add_noise(x, torch.randn(1, 4, 8, 1), 10)
+    with pytest.raises(ValueError, match="timestep_scaling"):
+        TimestepShiftLCMScheduler(timestep_scaling=math.inf)
+
+
+def test_discriminator_checks_its_inputs_against_the_backbone():
+    from nitrokernels.nitro.discriminator import DynamicDiscriminator
+
+    disc = DynamicDiscriminator(_tiny_unet(), pool_sizes=1, hidden=16, num_groups=4, local_size=4,
+                                head_backend="eager")
+    size = disc.resolution
+    x = torch.randn(2, 1, size, size)
+    with pytest.raises(ValueError, match="width 6 .* cross_attention_dim is 8"):
+        disc.features(x, 10, encoder_hidden_states=torch.randn(2, 1, 6))
+    with pytest.raises(ValueError, match="sample has 3 channels, the backbone's in_channels is 1"):
+        disc.features(torch.randn(2, 3, size, size), 10, encoder_hidden_states=torch.randn(2, 1, 8))
+    with pytest.raises(ValueError, match="encoder_hidden_states have batch 3, the sample 2"):
+        disc.features(x, 10, encoder_hidden_states=torch.randn(3, 1, 8))
+
+
+def test_distiller_checks_grid_prompts_and_train_steps():
+    from nitrokernels.nitro import digits
+    from nitrokernels.nitro.distiller import DistillConfig, NitroDistiller
+
+    teacher = _tiny_unet()
+    config = DistillConfig(steps=1, batch_size=2, progress=False, device="cpu", sample_count=3,
+                           discriminator=dict(pool_sizes=1, hidden=16, num_groups=4, local_size=4,
+                                              head_backend="eager"))
+
+    def build(**kwargs):
+        return NitroDistiller(teacher, copy.deepcopy(teacher), digits.make_teacher_scheduler(), _bank(), config,
+                              **kwargs)
+
+    with pytest.raises(ValueError, match=r"grid_prompts must lie in \[0, 10\)"):
+        build(grid_prompts=[0, 1, 10])
+    with pytest.raises(ValueError, match="grid_prompts must be 3"):
+        build(grid_prompts=[0, 1])
+    with pytest.raises(ValueError, match="steps must be an int >= 0"):
+        build().train(steps="5")
+
+
+def test_distiller_checks_a_given_discriminator_against_the_student():
+    from nitrokernels.nitro import digits
+    from nitrokernels.nitro.discriminator import DynamicDiscriminator
+    from nitrokernels.nitro.distiller import DistillConfig, NitroDistiller
+
+    teacher = _tiny_unet()
+    other = DynamicDiscriminator(_tiny_unet(in_channels=2), pool_sizes=1, hidden=16, num_groups=4, local_size=4)
+    config = DistillConfig(steps=1, batch_size=2, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="backbone has in_channels=2 but the student has in_channels=1"):
+        NitroDistiller(teacher, copy.deepcopy(teacher), digits.make_teacher_scheduler(), _bank(), config,
+                       discriminator=other)
+    with pytest.raises(TypeError, match="discriminator must be a DynamicDiscriminator"):
+        NitroDistiller(teacher, copy.deepcopy(teacher), digits.make_teacher_scheduler(), _bank(), config,
+                       discriminator=nn.Linear(2, 2))

@@ -297,3 +297,46 @@ def test_load_unet_weights_verifies_digest_and_expected_sha256(tmp_path):
     with pytest.raises(UNetWeightsError, match="does not match expected_sha256"):
         load_unet_weights(target, str(theirs), expected_sha256="ab" * 32)
     assert_same(before, target.state_dict())
+
+
+KILL_SCRIPT = """
+import os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+from test_checkpoint_safety import make
+mode, out = sys.argv[1], sys.argv[2]
+d = make(steps=4, out_dir=out, checkpoint_every=2)
+if mode == "mid-run":
+    def cb(step, result):
+        if step == 4:  # row 3 is in log.jsonl, the checkpoint holds step 2
+            os.kill(os.getpid(), signal.SIGKILL)
+    d.train(callback=cb)
+else:  # mid-write: the first checkpoint write dies half-way
+    real = torch.save
+    def dying_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = dying_save
+    d.train()
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGKILL"), reason="needs SIGKILL")
+@pytest.mark.parametrize("mode", ["mid-run", "mid-write"])
+def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path, mode):
+    script = KILL_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", script, mode, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    leftovers = [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    assert leftovers if mode == "mid-write" else not leftovers
+    resumed = make(steps=4, out_dir=str(tmp_path), checkpoint_every=2)
+    resumed.train()
+    reference = make(steps=4)
+    reference.train()
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")]
+    assert steps == [1, 2, 3, 4], steps
+    assert [(r["d_loss"], r["g_loss"]) for r in resumed.history] == \
+        [(r["d_loss"], r["g_loss"]) for r in reference.history]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]

@@ -341,7 +341,23 @@ class DynamicDiscriminator(nn.Module):
         if unused:
             raise TypeError(f"DynamicDiscriminator.features: unsupported conditioning kwargs {sorted(unused)}")
         u = self.backbone
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
+            raise ValueError(f"DynamicDiscriminator.features: sample must be a 4-D tensor [B, C, H, W], got "
+                             f"{tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__}")
         batch = sample.shape[0]
+        in_channels = getattr(u.config, "in_channels", None)
+        if isinstance(in_channels, int) and sample.shape[1] != in_channels:
+            raise ValueError(f"DynamicDiscriminator.features: sample has {sample.shape[1]} channels, the backbone's "
+                             f"in_channels is {in_channels}")
+        width = getattr(u.config, "cross_attention_dim", None)
+        if isinstance(encoder_hidden_states, torch.Tensor) and isinstance(width, int) and \
+                encoder_hidden_states.shape[-1] != width:
+            raise ValueError(f"DynamicDiscriminator.features: encoder_hidden_states have width "
+                             f"{encoder_hidden_states.shape[-1]} (shape {tuple(encoder_hidden_states.shape)}), the "
+                             f"backbone's cross_attention_dim is {width}")
+        if isinstance(encoder_hidden_states, torch.Tensor) and encoder_hidden_states.shape[0] != batch:
+            raise ValueError(f"DynamicDiscriminator.features: encoder_hidden_states have batch "
+                             f"{encoder_hidden_states.shape[0]}, the sample {batch}")
         if not torch.is_tensor(timestep):
             timestep = torch.tensor([timestep], device=sample.device)
         timestep = timestep.to(sample.device).reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.to(sample.device)

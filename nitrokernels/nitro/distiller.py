@@ -30,8 +30,12 @@ Exact resume: every random draw comes from two generators owned by the distiller
 prompt and t* choices, one on the device for noise and head ids) whose states are checkpointed together
 with the step, student, EMA, heads, both optimisers, the LR schedulers and the grad scaler, so a resumed run
 continues the identical loss curve. Checkpoints are written to a temporary file and moved into place with
-os.replace (a crash mid-write leaves the previous checkpoint intact); a corrupt file or one written for a
-different configuration / model is refused with a clear error and nothing is modified.
+os.replace (a crash mid-write leaves the previous checkpoint intact; tmp files of dead writers are removed).
+A checkpoint holds only tensors, numbers, strings and containers: it is read with torch.load(weights_only=True),
+so an untrusted file cannot run code, and a sha256 digest of every value (state_digest) is verified. A corrupt or
+edited file, one of the older pickled format (convert_legacy_checkpoint converts trusted ones), or one written
+for a different configuration / model is refused with a clear error, after checking every entry and before
+anything is modified. On resume, log.jsonl rows of steps after the checkpoint (written before a kill) are dropped.
 
 Conditioning is anything the UNets take as kwargs: {"encoder_hidden_states": ...} for a class- or
 text-conditional UNet; add {"added_cond_kwargs": {"text_embeds": ..., "time_ids": ...}} for SDXL. The
@@ -449,6 +453,15 @@ class NitroDistiller:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(config.seed + 2)
                 discriminator = DynamicDiscriminator(self.teacher, **kwargs)
+        if not isinstance(discriminator, DynamicDiscriminator):
+            raise TypeError(f"NitroDistiller: discriminator must be a DynamicDiscriminator, got "
+                            f"{type(discriminator).__name__}")
+        for key in ("in_channels", "cross_attention_dim"):
+            mine = getattr(student.config, key, None)
+            theirs = getattr(discriminator.backbone.config, key, None)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ValueError(f"NitroDistiller: the discriminator's backbone has {key}={theirs!r} but the student "
+                                 f"has {key}={mine!r}; build the discriminator over the teacher")
         self.disc = discriminator.to(self.device)
         if student_scheduler is None:
             sched_cfg = getattr(teacher_scheduler, "config", {})
@@ -508,10 +521,18 @@ class NitroDistiller:
         gen = torch.Generator().manual_seed(self.config.seed + 12345)
         shape = self._latent_shape(n)
         noise = torch.randn(shape, generator=gen)
+        size = len(self.prompts) if hasattr(self.prompts, "__len__") else None
         if grid_prompts is None:
-            size = len(self.prompts) if hasattr(self.prompts, "__len__") else n
-            grid_prompts = torch.arange(n) % max(size, 1)
-        return noise, torch.as_tensor(grid_prompts).long()
+            grid_prompts = torch.arange(n) % max(size or n, 1)
+        grid = torch.as_tensor(grid_prompts)
+        # checked now: a bad grid would otherwise fail at the first sample grid, possibly after the whole run
+        if grid.dim() != 1 or len(grid) != n or grid.is_floating_point() or grid.dtype == torch.bool:
+            raise ValueError(f"NitroDistiller: grid_prompts must be {n} (config.sample_count) integer prompt "
+                             f"indices, got {grid.dtype} {tuple(grid.shape)}")
+        if size is not None and n and (int(grid.min()) < 0 or int(grid.max()) >= size):
+            raise ValueError(f"NitroDistiller: grid_prompts must lie in [0, {size}) (the PromptBank's prompts), "
+                             f"got min {int(grid.min())}, max {int(grid.max())}")
+        return noise, grid.long()
 
     def _latent_shape(self, batch):
         cfg = self.student.config
@@ -674,6 +695,8 @@ class NitroDistiller:
         checkpoint first when config.resume). Returns the per-iteration history (floats)."""
         cfg = self.config
         total = cfg.steps if steps is None else steps
+        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+            raise ValueError(f"NitroDistiller.train: steps must be an int >= 0, got {total!r}")
         if cfg.out_dir:
             os.makedirs(cfg.out_dir, exist_ok=True)
             path = os.path.join(cfg.out_dir, CHECKPOINT_NAME)
@@ -805,6 +828,8 @@ class NitroDistiller:
     def save_checkpoint(self, path: str | None = None) -> str:
         """Write the full training state atomically (tmp file + fsync + os.replace), with a sha256 digest of
         every value (state_digest) that load_checkpoint verifies."""
+        if path is None and not self.config.out_dir:
+            raise ValueError("NitroDistiller.save_checkpoint: pass a path (config.out_dir is None)")
         self._flush_log(0.0) if self._pending else None
         path = path or os.path.join(self.config.out_dir, CHECKPOINT_NAME)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

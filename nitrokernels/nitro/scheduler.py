@@ -132,7 +132,8 @@ class TimestepShiftLCMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timesteps_mode must be one of {TIMESTEPS_MODES} ('lcm': .timesteps are the original "
                              "LCM timesteps; 'model': the shifted ones, for diffusers pipelines), "
                              f"got {timesteps_mode!r}")
-        if not timestep_scaling > 0:
+        if isinstance(timestep_scaling, bool) or not isinstance(timestep_scaling, numbers.Real) \
+                or not math.isfinite(timestep_scaling) or not timestep_scaling > 0:
             raise ValueError(f"timestep_scaling must be > 0, got {timestep_scaling!r}")
 
         self.betas = _betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
@@ -311,6 +312,10 @@ class TimestepShiftLCMScheduler(SchedulerMixin, ConfigMixin):
         if isinstance(step_index, bool) or not isinstance(step_index, numbers.Integral) \
                 or not 0 <= step_index < self.num_inference_steps:
             raise ValueError(f"denoise: step_index must be an int in [0, {self.num_inference_steps}), got {step_index!r}")
+        if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor) \
+                or model_output.shape != sample.shape:
+            raise ValueError(f"model_output and sample must be tensors of one shape (no broadcasting), got "
+                             f"{tuple(getattr(model_output, 'shape', ()))} and {tuple(getattr(sample, 'shape', ()))}")
         alpha, c_skip, c_out, _ = self._coefficients[step_index]
         x = sample.float()
         out = model_output.float()
@@ -334,6 +339,9 @@ class TimestepShiftLCMScheduler(SchedulerMixin, ConfigMixin):
         total = self.config.num_train_timesteps
         if timesteps.device.type == "cpu" and ((timesteps < 0) | (timesteps >= total)).any():
             raise ValueError(f"add_noise timesteps must be in [0, {total - 1}], got {timesteps.tolist()}")
+        if noise.shape != original_samples.shape:
+            raise ValueError(f"add_noise: noise has shape {tuple(noise.shape)}, original_samples "
+                             f"{tuple(original_samples.shape)}")
         if timesteps.numel() not in (1, original_samples.shape[0]):
             raise ValueError(f"add_noise needs one timestep or one per sample ({original_samples.shape[0]}), "
                              f"got {timesteps.numel()}")
