@@ -340,3 +340,12 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path, mode):
     assert [(r["d_loss"], r["g_loss"]) for r in resumed.history] == \
         [(r["d_loss"], r["g_loss"]) for r in reference.history]
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_shipped_assets_carry_a_verified_digest():
+    """The package's own weight files carry the tensor digest save_asset writes, and it matches their tensors."""
+    from nitrokernels.nitro import digits
+    from nitrokernels.nitro.pipeline import verify_safetensors
+
+    for name in (digits.TEACHER_ASSET, digits.STUDENT_ASSET, digits.CLASSIFIER_ASSET):
+        assert verify_safetensors(digits.asset_path(name)) is True, name

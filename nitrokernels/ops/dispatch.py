@@ -45,8 +45,12 @@ class BackendUnavailable(RuntimeError):
 # ----------------------------------------------------------------------------------------------- helpers
 @functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:
-    # Cached: find_spec walks sys.path, too slow for a check that runs on every op call.
-    return importlib.util.find_spec("triton") is not None
+    # Cached: find_spec walks sys.path, too slow for a check that runs on every op call. A finder that refuses
+    # the module (import hooks, a broken install) means "not importable", not a crash of every op.
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def tensors_in(args: Iterable, kwargs: dict) -> list[torch.Tensor]:
