@@ -135,12 +135,6 @@ def test_triton_kernels_compile_for_h100(family):
 #    cycle at D = 64, the same as one MUFU.EX2 (16 per SM per cycle). The rule there: at most 1.1 MUFU per
 #    score (+8 per warp for the row maxima / rescales), and integer cycles <= 0.5 x MMA cycles.
 CHAINED_MMA_KERNELS = {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
-HEADS_HOT_LOOP_GAPS = (
-    "heads GEMM loops spend over half the MMA time on integer-pipe work (im2col address / mask math of the A "
-    "tile: e.g. wgrad 716 vs 1024, fwd 32->16 344 vs 512 MMA cycles per iteration after the GEMM-layout "
-    "rewrite; some dgrad loops also waited gsb0, 0x0). At issue 14's start (23 loops) 16 also staged scalar "
-    "LDG.E.U16 weight loads through STS.U16, 17 waited for every MMA group or used mma.sync, and GroupNorm+SiLU "
-    "per A-tile put MUFU at 2x the MMA time")
 
 
 def _hot_loop_problems(family: str, r: dict) -> list[str]:
@@ -163,8 +157,7 @@ def _hot_loop_problems(family: str, r: dict) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", [
-    pytest.param("heads", marks=pytest.mark.xfail(strict=True, reason=HEADS_HOT_LOOP_GAPS)),
-    "attention", "geglu", "group_norm"])
+    "heads", "attention", "geglu", "group_norm"])
 def test_tensor_core_hot_loops_in_sass(family):
     """The hot-loop rules above on every launch the family's host code makes at SDXL shapes (bf16, sm_90a)."""
     lines = _family_lines(family)

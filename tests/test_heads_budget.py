@@ -14,7 +14,9 @@ detach and clone as autograd accumulates it into .grad (~10 aten ops per pooled 
 backward). The CPU path also checks the ids per level with min/max/item (20 host reads; on a GPU that check is
 one device-side assert). After the GEMM-layout rewrite (e40cc72: normalise+SiLU materialised once per layer):
 15 + 25 = 40 launches, 302 + 2029 aten ops, 176 sparse COO. The budgets below are what the committed code meets,
-rounded up a little: a regression (a per-level or per-head launch, a copy per layer) fails them. Lower them as
+rounded up a little. Hoisted hot-loop index math (issue 14): the layer-1 feature gradient is written channels-last
+and copied into an NCHW feature's layout (+2 aten ops per level, 2049: a coalesced copy instead of a strided
+scatter from the kernel). A regression (a per-level or per-head launch, a copy per layer) fails them. Lower them as
 the host code improves.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the Triton backend runs CPU tensors only under TRITON_INTERPRET=1")
 
 # (forward launches, backward launches, aten ops forward + backward, sparse COO constructions): upper bounds
-BUDGET = {"launches_forward": 15, "launches_backward": 25, "aten_forward": 310, "aten_backward": 2040,
+BUDGET = {"launches_forward": 15, "launches_backward": 25, "aten_forward": 310, "aten_backward": 2055,
           "sparse_coo": 176}
 SPARSE_OPS = ("_sparse_coo_tensor_with_dims_and_tensors", "sparse_coo_tensor", "_coalesce")
 

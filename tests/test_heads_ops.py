@@ -134,7 +134,8 @@ def test_matches_loop_reference_fp32(backend, case):
         assert_close_to_reference(dense(g), r, name=f"grad {name}")
 
 
-SMALL_BLOCKS = dict(fwd_m=16, fwd_n=16, fwd_kc=16, fin_p=16, fin_c=16, dg_m=16, dg_n=16, dg_n_epi=16, dg_ko=16, wg_m=16,
+SMALL_BLOCKS = dict(fwd_m=16, fwd_n=16, fwd_kc=16, fin_p=16, fin_c=16, dg_m=16, dg_n=16, dg_m_epi=16, dg_n_epi=16, dg_ko=16,
+                    wg_m=16,
                     wg_n=16, wg_k=16, ew_q=16, ew_c=16)
 
 
@@ -159,6 +160,21 @@ def test_gpu_grid_layout_under_interpreter(monkeypatch):
     """One tap per wgrad program and one parity class per dgrad program, as on the GPU."""
     monkeypatch.setattr(head_kernels, "BLOCK_OVERRIDE", dict(SMALL_BLOCKS, dg_classes=1, wg_taps=1))
     _check_triton_vs_loop(make_pool(2, 4, 8, 16, 1, 4, 1), torch.tensor([1]), 4, 1, 4)
+
+
+# (channels, size, hidden, depth, batch): K steps of 16 pixels carried across rows (16x16 -> 8x8 maps) and samples
+# (batch 2), channels a multiple of 16 but not of the data-gradient column block (48 vs 32: wrapped weight
+# columns); and carried across columns (64x64 -> 32x32 maps: 32-pixel rows, two K steps each).
+HOISTED_CASES = [(48, 32, 48, 2, 2), (16, 64, 16, 1, 2)]
+
+
+@pytest.mark.parametrize("case", HOISTED_CASES, ids=["rows-samples-wrapped-columns", "columns"])
+def test_hoisted_index_paths(monkeypatch, case):
+    """The hot loops' hoisted index math at power-of-two sizes (as on the GPU)."""
+    channels, size, hidden, depth, batch = case
+    monkeypatch.setattr(head_kernels, "BLOCK_OVERRIDE", dict(SMALL_BLOCKS, dg_n=32, dg_n_epi=32, wg_n=32,
+                                                             dg_classes=1, wg_taps=1))
+    _check_triton_vs_loop(make_pool(2, channels, size, hidden, depth, 1, batch), torch.tensor([1, 0]), 4, depth, 1)
 
 
 def gemm_storage(w):

@@ -50,6 +50,14 @@ Activation layout: per level and head channels-last, [h, B, S, S, O] contiguous.
 layer's pre-norm conv output Y_d (input dtype), its GroupNorm (mean, rstd) [H_d, B, G, 2] and folded affine
 (scale, shift) [H_d, B, 2, O] (fp32). Everything else is recomputed where it is consumed.
 
+Hot loops (every GEMM kernel; checked on the sm_90a SASS in CI, tests/test_build.py): the per-element index math
+(im2col offsets, padding masks as a bit per tap, parity shifts) is made once before the K loop, so an iteration
+computes scalars only (uniform registers) plus one 64-bit add per 16-byte async copy; K steps split without
+divisions (the weight gradient carries its (sample, row, column) from step to step); block sizes that divide the
+problem (host-checked EVEN_* constexprs) drop the masks, and data-gradient weight columns past I wrap around
+instead of being masked. The layer-1 feature gradient is written channels-last and copied into the feature's
+own layout only where that differs (a strided scatter from the kernel cost 64-bit addresses per element).
+
 Accumulation is fp32; fp32 inputs use IEEE fp32 dots unless torch's float32 matmul precision allows TF32.
 Under TRITON_INTERPRET=1, half-precision operands are upcast to fp32 before tl.dot (the interpreter's
 bf16 dot is wrong); the products are exact in fp32 so results are unchanged.
@@ -165,6 +173,7 @@ def _conv_fwd_kernel(
     B, O, TT,
     L: tl.constexpr, SHARED_X: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BKC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, C16: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # compacted grid: per level (largest K first) its heads x samples x row tiles x column blocks, no idle program
     lvl, local = _segment(tl.program_id(0), segs, seg_lvl, L)
@@ -191,26 +200,42 @@ def _conv_fwd_kernel(
     ow = rows % S_out
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < O
+    ks = tl.arange(0, BKC)
 
     # Layer 1 (SHARED_X) reads the level's feature [B, S, S, I] (channels-last); deeper layers the
     # materialised activation silu(GroupNorm(Y_{d-1})) [h, B, S, S, I] (_norm_silu_kernel).
     x_head = lh * 0 if SHARED_X else lh
     x_base = _pick_ptr(xs, lvl, L) + (x_head * B + b).to(tl.int64) * S_in * S_in * I
     w_base = _pick_ptr(ws, lvl, L) + row * sw_p
+    # Everything per element is made once, outside the K loop (the hot loop's integer pipe was busier than its
+    # tensor cores): the offsets of tap (0, 0) and, per output pixel, a 16-bit mask of the taps that land inside
+    # the (zero-padded) input. Per iteration only scalars change (tap, channel chunk: uniform registers).
+    a_off = ((2 * oh - 1) * S_in + (2 * ow - 1))[:, None] * I + ks[None, :]
+    w_off = ks[:, None] * sw_c + cols[None, :] * sw_o
+    taps_ok = rows * 0
+    for kh in tl.static_range(4):
+        for kw in tl.static_range(4):
+            ih = 2 * oh - 1 + kh
+            iw = 2 * ow - 1 + kw
+            inside = row_ok & (ih >= 0) & (ih < S_in) & (iw >= 0) & (iw < S_in)
+            taps_ok |= inside.to(tl.int32) << (kh * 4 + kw)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # One flat (channel chunk, tap) loop: a single set of pipelined operand buffers (an unrolled tap loop
     # would give every tl.dot its own shared-memory buffers).
     for kk in range(0, tl.cdiv(I, BKC) * 16):
         tap = kk % 16
-        cs = (kk // 16) * BKC + tl.arange(0, BKC)
-        c_ok = cs < I
-        ih = 2 * oh - 1 + tap // 4
-        iw = 2 * ow - 1 + tap % 4
-        p_ok = row_ok & (ih >= 0) & (ih < S_in) & (iw >= 0) & (iw < S_in)
-        m = p_ok[:, None] & c_ok[None, :]
-        a = tl.load(x_base + (ih * S_in + iw)[:, None] * I + cs[None, :], mask=m, other=0.0)
-        wt = tl.load(w_base + cols[None, :] * sw_o + cs[:, None] * sw_c + (tap // 4) * sw_kh + (tap % 4) * sw_kw,
-                     mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+        c0 = (kk // 16) * BKC
+        p_ok = ((taps_ok >> tap) & 1) != 0
+        a_ptrs = x_base + (((tap // 4) * S_in + tap % 4) * I + c0) + a_off
+        w_ptrs = w_base + ((tap // 4) * sw_kh + (tap % 4) * sw_kw + c0 * sw_c) + w_off
+        if EVEN_K:      # host: every level's I is a multiple of BKC (SDXL: 320 / 640 / 1280 / hidden)
+            a = tl.load(a_ptrs, mask=p_ok[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=p_ok[:, None] & (c0 + ks < I)[None, :], other=0.0)
+        if EVEN_K and EVEN_N:
+            wt = tl.load(w_ptrs)
+        else:
+            wt = tl.load(w_ptrs, mask=(c0 + ks < I)[:, None] & col_ok[None, :], other=0.0)
         acc = _mma(a, wt, acc, PREC, UPCAST)
 
     bias = tl.load(_pick_ptr(biases, lvl, L) + row * O + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -528,13 +553,12 @@ def _gn_bwd_apply_kernel(gs, ys, sizes, hs, coef_ptr, B, I,
 @triton.jit(do_not_specialize=["ids_ptr"])
 def _conv_dgrad_kernel(
     gys, ws, outs, yps, sizes, chans, counts, hs, starts, roffs, pools,   # per level
-    osb, osh, osw, osc,                                # per level (SHARED): strides of the feature gradient
     segs, seg_lvl,                                     # the compacted grid (_segments)
     aff_ptr, stats_ptr, part_ptr,                      # (not SHARED) layer d-1: affine, stats, partials out
     ids_ptr, B, O, TT, G, CPG,
     L: tl.constexpr, SHARED: tl.constexpr, CLASSES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    C16: tl.constexpr,
+    C16: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, KT: tl.constexpr,
 ):
     """dX of layer d. SHARED (d = 0): one segment of the compacted grid per level, the reduction runs over the
     level's heads, out = the feature gradient (any strides). Otherwise per sorted head: out = dU_{d-1}
@@ -558,23 +582,26 @@ def _conv_dgrad_kernel(
     cls0 = ((rem // (NB * T)) % ncls) * CLASSES
     b = rem // (NB * T * ncls)
     for cls in range(cls0, cls0 + CLASSES):   # CLASSES input-pixel parity classes per program
-        _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh, osw, osc,
+        _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools,
                      aff_ptr, stats_ptr, part_ptr, ids_ptr, B, O, TT, G, CPG, lvl, sh, S_in, I, T, b, cls, t,
-                     pid_n, L, SHARED, BM, BN, BKO, PREC, UPCAST)
+                     pid_n, L, SHARED, BM, BN, BKO, PREC, UPCAST, EVEN_K, EVEN_N, KT, C16)
 
 
 @triton.jit
-def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh, osw, osc,
+def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools,
                  aff_ptr, stats_ptr, part_ptr, ids_ptr, B, O, TT, G, CPG, lvl, sh, S_in, I, T, b, cls, t,
                  pid_n, L: tl.constexpr, SHARED: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 BN: tl.constexpr, BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, KT: tl.constexpr, C16: tl.constexpr):
     ph = cls // 2
     pw = cls % 2
     S_out = S_in // 2
     hc = (S_in + 1) // 2
     r = t * BM + tl.arange(0, BM)
-    qh = 2 * (r // hc) + ph
-    qw = 2 * (r % hc) + pw
+    rh = r // hc
+    rw = r % hc
+    qh = 2 * rh + ph
+    qw = 2 * rw + pw
     row_ok = (r < hc * hc) & (qh < S_in) & (qw < S_in)
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < I
@@ -582,9 +609,27 @@ def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh,
     sw_p, sw_o, sw_c, sw_kh, sw_kw = _w_strides(I, O)
     gy_ptr = _pick_ptr(gys, lvl, L)
     w_ptr = _pick_ptr(ws, lvl, L)
+    # Per element, once: tap j (kh = 1 - ph + 2 (j // 2), kw = 1 - pw + 2 (j % 2)) reads dY at output pixel
+    # (rh + ph - j // 2, rw + pw - j % 2); the offsets of j's pixel shift 0 and a 4-bit mask per input pixel of
+    # the taps whose output pixel exists. The K steps then change scalars only (see _dgrad_step).
+    ks = tl.arange(0, BKO)
+    # the parity's part of the tap offsets (ph, pw are fixed per program) folded in here too
+    a_off = ((rh + ph) * S_out + rw + pw)[:, None] * O + ks[None, :]
+    # Columns past I (I not a multiple of BN) wrap around (Triton's matmul idiom) instead of being masked: the
+    # weight loads stay unpredicated 16-byte copies (I is a multiple of 16: C16); those columns are not stored.
+    w_cols = tl.max_contiguous(tl.multiple_of(cols % I, 16), 16) if C16 and not EVEN_N else cols
+    w_off = ks[:, None] * sw_o + w_cols[None, :] * sw_c + ((1 - ph) * sw_kh + (1 - pw) * sw_kw)
+    WRAPPED: tl.constexpr = EVEN_N or C16
+    taps_ok = r * 0
+    for j in tl.static_range(4):
+        oh = rh + ph - j // 2
+        ow = rw + pw - j % 2
+        inside = row_ok & (oh >= 0) & (ow >= 0) & (oh < S_out) & (ow < S_out)
+        taps_ok |= inside.to(tl.int32) << j
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    KT = tl.cdiv(O, BKO) * 4
+    # KT = cdiv(O, BKO) * 4 K steps per head (a constexpr: O is the pool's hidden width, so no recompiles;
+    # the head / step split of the flat loop below is then a shift, not a division)
     if SHARED:
         # ONE flat (head, output-channel chunk, tap of this parity) loop over the level's heads: a nested head
         # loop kept the pipeliner from overlapping MMA groups (WARPGROUP.DEPBAR.LE gsb0, 0x0 every iteration).
@@ -600,31 +645,34 @@ def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh,
             row = tl.where(id_ok, prow, 0)
             nbad += (id_ok == 0).to(tl.int32)
             acc = _dgrad_step(gy_ptr + (hh * B + b).to(tl.int64) * npo * O, w_ptr + row * sw_p, it % KT, acc,
-                              ph, pw, qh, qw, row_ok, cols, col_ok, S_out, O, sw_o, sw_c, sw_kh, sw_kw,
-                              BKO, PREC, UPCAST)
+                              ph, pw, a_off, w_off, taps_ok, ks, col_ok, S_out, O, sw_o, sw_kh, sw_kw,
+                              BKO, PREC, UPCAST, EVEN_K, WRAPPED)
     else:
         lh = sh - _pick_dyn(hs, lvl, L)
         row, id_ok = _pool_row(ids_ptr, lvl, lh, starts, roffs, pools, L)
         nbad = (id_ok == 0).to(tl.int32)
         gy_base = gy_ptr + (lh * B + b).to(tl.int64) * npo * O
-        for kk in range(0, KT):
-            acc = _dgrad_step(gy_base, w_ptr + row * sw_p, kk, acc, ph, pw, qh, qw, row_ok, cols, col_ok, S_out, O,
-                              sw_o, sw_c, sw_kh, sw_kw, BKO, PREC, UPCAST)
+        for kk in range(0, tl.cdiv(O, BKO) * 4):   # a runtime bound: a constexpr one (KT) is unrolled
+            acc = _dgrad_step(gy_base, w_ptr + row * sw_p, kk, acc, ph, pw, a_off, w_off, taps_ok, ks, col_ok, S_out,
+                              O, sw_o, sw_kh, sw_kw, BKO, PREC, UPCAST, EVEN_K, WRAPPED)
     acc = tl.where(nbad == 0, acc, float("nan"))     # a head id out of range poisons the result
 
     m = row_ok[:, None] & col_ok[None, :]
     out_ptr = _pick_ptr(outs, lvl, L)
     if SHARED:
-        so_b = _pick(osb, lvl, L).to(tl.int64)
-        tl.store(out_ptr + b * so_b + qh[:, None] * _pick(osh, lvl, L) + qw[:, None] * _pick(osw, lvl, L)
-                 + cols[None, :] * _pick(osc, lvl, L), acc.to(out_ptr.dtype.element_ty), mask=m)
+        # channels-last [B, S, S, I]: vector stores along the channels (the host copies into the feature's
+        # own layout where that differs; a strided scatter from the kernel needed 64-bit addresses per element)
+        tl.store(out_ptr + b.to(tl.int64) * S_in * S_in * I + (qh * S_in + qw)[:, None] * I + cols[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=m)
     else:
         # GroupNorm + SiLU backward of layer d-1, up to the group reductions (_gn_bwd_finish_kernel).
         hb = (sh * B + b).to(tl.int64)
         lh = sh - _pick_dyn(hs, lvl, L)
         ga = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-        offs = (lh * B + b).to(tl.int64) * S_in * S_in * I + (qh * S_in + qw)[:, None] * I + cols[None, :]
-        yv = tl.load(_pick_ptr(yps, lvl, L) + offs, mask=m, other=0.0).to(tl.float32)
+        # 64-bit scalar bases, 32-bit per-element offsets (the epilogue's registers: no spills at 64 x 256)
+        base = (lh * B + b).to(tl.int64) * S_in * S_in * I
+        offs = (qh * S_in + qw)[:, None] * I + cols[None, :]
+        yv = tl.load(_pick_ptr(yps, lvl, L) + base + offs, mask=m, other=0.0).to(tl.float32)
         sc = tl.load(aff_ptr + hb * 2 * I + cols, mask=col_ok, other=0.0)
         sf = tl.load(aff_ptr + hb * 2 * I + I + cols, mask=col_ok, other=0.0)
         grp = cols // CPG
@@ -633,7 +681,7 @@ def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh,
         u = yv * sc[None, :] + sf[None, :]
         gu = tl.where(m, ga * _silu_grad(u, tl.sigmoid(u)), 0.0)
         gur = gu.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + offs, gur, mask=m)
+        tl.store(out_ptr + base + offs, gur, mask=m)
         gu = tl.where(m, gur.to(tl.float32), 0.0)
         xhat = (yv - mean[None, :]) * rstd[None, :]
         pbase = part_ptr + (hb * TT + cls * T + t) * I * 3 + cols * 3
@@ -644,23 +692,26 @@ def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools, osb, osh,
 
 
 @triton.jit
-def _dgrad_step(gy_base, w_base, kk, acc, ph, pw, qh, qw, row_ok, cols, col_ok, S_out, O, sw_o, sw_c, sw_kh, sw_kw,
-                BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One K step of the data gradient: output-channel chunk kk // 4, tap kk % 4 of the pixel parity (ph, pw)."""
+def _dgrad_step(gy_base, w_base, kk, acc, ph, pw, a_off, w_off, taps_ok, ks, col_ok, S_out, O, sw_o, sw_kh, sw_kw,
+                BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+                ALL_COLS: tl.constexpr):
+    """One K step of the data gradient: output-channel chunk kk // 4, tap j = kk % 4 of the pixel parity (ph, pw).
+    Only scalars are computed here; the per-element offsets and tap masks come from _dgrad_class."""
     j = kk % 4
-    os_ = (kk // 4) * BKO + tl.arange(0, BKO)
-    o_ok = os_ < O
-    kh = 1 - ph + 2 * (j // 2)              # the two kernel rows / columns with the right parity
-    kw = 1 - pw + 2 * (j % 2)
-    nh = qh + 1 - kh                        # = 2 * oh (even by construction)
-    nw = qw + 1 - kw
-    oh = nh // 2
-    ow = nw // 2
-    p_ok = row_ok & (nh >= 0) & (nw >= 0) & (oh < S_out) & (ow < S_out)
-    a = tl.load(gy_base + (oh * S_out + ow)[:, None] * O + os_[None, :], mask=p_ok[:, None] & o_ok[None, :],
-                other=0.0)
-    wt = tl.load(w_base + os_[:, None] * sw_o + cols[None, :] * sw_c + kh * sw_kh + kw * sw_kw,
-                 mask=o_ok[:, None] & col_ok[None, :], other=0.0)
+    o0 = (kk // 4) * BKO
+    jh = j // 2                             # kernel row 1 - ph + 2 jh, column 1 - pw + 2 jw (a_off / w_off
+    jw = j % 2                              # hold the parity's part): dY at pixel (rh + ph - jh, rw + pw - jw)
+    p_ok = ((taps_ok >> j) & 1) != 0
+    a_ptrs = gy_base + (o0 - (jh * S_out + jw) * O) + a_off
+    w_ptrs = w_base + (jh * 2 * sw_kh + jw * 2 * sw_kw + o0 * sw_o) + w_off
+    if EVEN_K:          # host: O is a multiple of BKO
+        a = tl.load(a_ptrs, mask=p_ok[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptrs, mask=p_ok[:, None] & (o0 + ks < O)[None, :], other=0.0)
+    if EVEN_K and ALL_COLS:   # ... and every weight column in range (I a multiple of BN, or wrapped columns)
+        wt = tl.load(w_ptrs)
+    else:
+        wt = tl.load(w_ptrs, mask=(o0 + ks < O)[:, None] & col_ok[None, :], other=0.0)
     return _mma(a, wt, acc, PREC, UPCAST)
 
 
@@ -671,6 +722,7 @@ def _conv_wgrad_kernel(
     B, O,
     L: tl.constexpr, SHARED_X: tl.constexpr, TAPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, C16: tl.constexpr,
+    ALIGNED: tl.constexpr, EVEN_C: tl.constexpr, EVEN_O: tl.constexpr, EVEN_Q: tl.constexpr,
 ):
     """dW[tap, c, o] = sum_{b, p} x[b, pix(p, tap), c] * dY[b, p, o]: the GEMM is [c, pixels] x [pixels, o], so
     the accumulator's fast dimension is o, the GEMM layout's contiguous one (vector stores)."""
@@ -695,33 +747,78 @@ def _conv_wgrad_kernel(
     x_ptr = _pick_ptr(xs, lvl, L)
     gw_ptr = _pick_ptr(gws, lvl, L)
     for tap in range(tap0, tap0 + TAPS):   # TAPS taps per program
-        _wgrad_tap(gy_ptr, x_ptr, gw_ptr, B, B, S_in, I, O, lh, tap, os_, o_ok, cs, c_ok,
-                   SHARED_X, BM, BN, BK, PREC, UPCAST)
+        _wgrad_tap(gy_ptr, x_ptr, gw_ptr, B, S_in, I, O, lh, tap, os_, o_ok, cs, c_ok,
+                   SHARED_X, BM, BN, BK, PREC, UPCAST, ALIGNED, EVEN_C, EVEN_O, EVEN_Q)
 
 
 @triton.jit
-def _wgrad_tap(gy_ptr, x_ptr, gw_ptr, B, nb, S_in, I, O, lh, tap, os_, o_ok, cs, c_ok,
+def _wgrad_tap(gy_ptr, x_ptr, gw_ptr, B, S_in, I, O, lh, tap, os_, o_ok, cs, c_ok,
                SHARED_X: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               PREC: tl.constexpr, UPCAST: tl.constexpr):
+               PREC: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, EVEN_C: tl.constexpr,
+               EVEN_O: tl.constexpr, EVEN_Q: tl.constexpr):
+    """One tap's [I, O] weight gradient. The reduction runs over q = (sample, output pixel) flattened: dY of one
+    head is contiguous over q, and small maps fill a K step with several samples (one loop, pipelined)."""
     kh = tap // 4
     kw = tap % 4
     S_out = S_in // 2
     npo = S_out * S_out
-    x_head = lh * 0 if SHARED_X else lh     # layer 1 reads the level's feature [B, S, S, I]
+    nq = B * npo
+    xs_b = S_in * S_in * I                       # sample stride of the layer input
+    x_head = lh * 0 if SHARED_X else lh          # layer 1 reads the level's feature [B, S, S, I]
+    gy_base = gy_ptr + lh.to(tl.int64) * nq * O
+    x_base = x_ptr + (x_head * B).to(tl.int64) * xs_b
+    ar = tl.arange(0, BK)
+    # ALIGNED (host: every K step starts at a sample, or at a pixel row inside one map, or inside one row, as
+    # with power-of-two maps): q = q0 + ar splits into the (sample, row, column) of q0, carried from step to
+    # step without divisions, plus that of ar, made once: every per-element offset is loop-invariant and each
+    # bound one unsigned compare of an invariant against a scalar.
+    db = ar // npo
+    dr2 = 2 * ((ar % npo) // S_out)
+    dc2 = 2 * (ar % S_out)
+    g_off = ar[:, None] * O + os_[None, :]
+    x_off = (db * xs_b + (dr2 * S_in + dc2) * I)[:, None] + cs[None, :]
+    inc_c = BK % S_out                           # per K step: column, row and sample increments
+    inc_r = (BK // S_out) % S_out
+    inc_b = BK // npo
+    b0 = lh * 0
+    r0 = lh * 0
+    c0 = lh * 0
     acc = tl.zeros((BN, BM), dtype=tl.float32)
-    for b in range(nb):
-        gy_base = gy_ptr + (lh * B + b).to(tl.int64) * npo * O
-        x_base = x_ptr + (x_head * B + b).to(tl.int64) * S_in * S_in * I
-        for p0 in range(0, npo, BK):
-            ps = p0 + tl.arange(0, BK)
-            p_ok = ps < npo
-            ih = 2 * (ps // S_out) - 1 + kh
-            iw = 2 * (ps % S_out) - 1 + kw
-            x_ok = p_ok & (ih >= 0) & (ih < S_in) & (iw >= 0) & (iw < S_in)
-            g = tl.load(gy_base + ps[:, None] * O + os_[None, :], mask=p_ok[:, None] & o_ok[None, :], other=0.0)
-            a = tl.load(x_base + (ih * S_in + iw)[:, None] * I + cs[None, :], mask=x_ok[:, None] & c_ok[None, :],
-                        other=0.0)
-            acc = _mma(tl.trans(a), g, acc, PREC, UPCAST)
+    for q0 in range(0, nq, BK):
+        if ALIGNED:
+            lo_h = 1 - kh - 2 * r0               # ih = 2 (r0 + dr) - 1 + kh in [0, S_in)  <=>  dr2 - lo_h < S_in
+            lo_w = 1 - kw - 2 * c0
+            x_ok = ((dr2 - lo_h).to(tl.uint32) < S_in) & ((dc2 - lo_w).to(tl.uint32) < S_in)
+            x_ptrs = x_base + (b0 * xs_b + ((2 * r0 - 1 + kh) * S_in + 2 * c0 - 1 + kw) * I) + x_off
+            c0 += inc_c
+            wrap_c = c0 >= S_out
+            c0 = tl.where(wrap_c, c0 - S_out, c0)
+            r0 += inc_r + wrap_c.to(tl.int32)
+            wrap_r = r0 >= S_out
+            r0 = tl.where(wrap_r, r0 - S_out, r0)
+            b0 += inc_b + wrap_r.to(tl.int32)
+        else:                                    # any sizes: the split of every element, every step
+            q = q0 + ar
+            ih = 2 * ((q % npo) // S_out) - 1 + kh
+            iw = 2 * (q % S_out) - 1 + kw
+            x_ok = (ih >= 0) & (ih < S_in) & (iw >= 0) & (iw < S_in)
+            x_ptrs = x_base + ((q // npo) * xs_b + (ih * S_in + iw) * I)[:, None] + cs[None, :]
+        g_ptrs = gy_base + q0 * O + g_off
+        if EVEN_Q:       # host: B * npo is a multiple of BK: no step runs past the last sample
+            g_mask = (ar >= 0)[:, None]
+        else:
+            q_ok = ar < nq - q0
+            g_mask = q_ok[:, None]
+            x_ok = x_ok & q_ok
+        if EVEN_O:       # host: O is a multiple of BM
+            g = tl.load(g_ptrs, mask=g_mask, other=0.0) if not EVEN_Q else tl.load(g_ptrs)
+        else:
+            g = tl.load(g_ptrs, mask=g_mask & o_ok[None, :], other=0.0)
+        if EVEN_C:       # host: every level's I is a multiple of BN
+            a = tl.load(x_ptrs, mask=x_ok[:, None], other=0.0)
+        else:
+            a = tl.load(x_ptrs, mask=x_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = _mma(tl.trans(a), g, acc, PREC, UPCAST)
     out = gw_ptr + lh.to(tl.int64) * 16 * I * O + tap * I * O + cs[:, None] * O + os_[None, :]
     tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=c_ok[:, None] & o_ok[None, :])
 
@@ -732,14 +829,15 @@ def _wgrad_tap(gy_ptr, x_ptr, gw_ptr, B, nb, S_in, I, O, lh, tap, os_, o_ok, cs,
 # GPU values are a reasonable default for Hopper/Ampere (untuned). The interpreter runs one program at a
 # time with a per-operation overhead, so it gets larger blocks (fewer programs / loop trips).
 # Tests set BLOCK_OVERRIDE to small values to exercise the multi-tile paths (stats combination, K loops).
-GPU_BLOCKS = dict(fwd_m=128, fwd_n=256, fwd_kc=64, fin_p=64, fin_c=64, dg_m=128, dg_n=64, dg_n_epi=64, dg_ko=64,
+GPU_BLOCKS = dict(fwd_m=128, fwd_n=256, fwd_kc=64, fin_p=64, fin_c=64, dg_m=128, dg_n=128, dg_m_epi=64, dg_n_epi=128, dg_ko=128,
                   dg_classes=1, wg_m=256, wg_n=128, wg_k=64, wg_taps=1, ew_q=64, ew_c=128, gn_t=4)
-INTERPRETER_BLOCKS = dict(fwd_m=256, fwd_n=128, fwd_kc=64, fin_p=256, fin_c=128, dg_m=256, dg_n=128, dg_n_epi=128,
+INTERPRETER_BLOCKS = dict(fwd_m=256, fwd_n=128, fwd_kc=64, fin_p=256, fin_c=128, dg_m=256, dg_n=128, dg_m_epi=256,
+                          dg_n_epi=128,
                           dg_ko=64,
                           dg_classes=4, wg_m=128, wg_n=128, wg_k=1024, wg_taps=16, ew_q=1024, ew_c=128,
                           gn_t=256)
 # fp32 dots run on FMA units (IEEE) with fp32 operands: smaller tiles keep them out of register spills.
-GPU_FP32_BLOCKS = dict(GPU_BLOCKS, fwd_m=64, fwd_n=64, fwd_kc=16, dg_m=64, dg_n=64, dg_n_epi=64, dg_ko=16,
+GPU_FP32_BLOCKS = dict(GPU_BLOCKS, fwd_m=64, fwd_n=64, fwd_kc=16, dg_m=64, dg_n=64, dg_m_epi=64, dg_n_epi=64, dg_ko=16,
                        wg_m=64, wg_n=64, wg_k=16)
 BLOCK_OVERRIDE: dict[str, int] = {}
 _DTYPE = [torch.bfloat16]      # dtype of the launch being configured (set by the host functions)
@@ -756,6 +854,12 @@ def _cap(name: str) -> int:
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """The shared feature in channels-last memory (contiguous channel loads); no copy if it already is."""
     return x if x.is_contiguous(memory_format=torch.channels_last) else x.contiguous(memory_format=torch.channels_last)
+
+
+def _k_steps_aligned(bk: int, s_out: int) -> bool:
+    """Whether K steps of bk over (sample, pixel) of s_out x s_out maps split without carries (_wgrad_tap)."""
+    npo = s_out * s_out
+    return bk % npo == 0 or (npo % bk == 0 and (bk % s_out == 0 or s_out % bk == 0))
 
 
 def _np2(n: int) -> int:
@@ -891,7 +995,7 @@ def _gn_blocks(tiles: int, groups: int, cpg: int) -> dict:
 def _dgrad_config(plan: _Plan, d: int, lv, out_channels: int) -> tuple[int, int, int, int, int]:
     """(BM, BN, BKO, tiles of the largest level, parity classes per program) of layer d's data gradient."""
     hcs = [(plan.sizes[l][d] + 1) // 2 for l in lv]
-    bm = _clamp_block(max(hcs) ** 2, 16, "dg_m")
+    bm = _clamp_block(max(hcs) ** 2, 16, "dg_m" if d == 0 else "dg_m_epi")
     bn = _clamp_block(max(plan.chans[l][d] for l in lv), 16, "dg_n" if d == 0 else "dg_n_epi")
     bko = _clamp_block(out_channels, 16, "dg_ko")
     return bm, bn, bko, max(triton.cdiv(h * h, bm) for h in hcs), _cap("dg_classes")
@@ -951,7 +1055,8 @@ def levels_forward(features, conv_weights, conv_biases, norm_weights, norm_biase
             tuple(ys[l][d] for l in lv), *plan.meta(lv), sizes, chans, segs, seg_lvl, ids, part,
             batch, c_out, tiles,
             L=len(lv), SHARED_X=d == 0, BM=bm, BN=bn, BKC=bkc, PREC=prec, UPCAST=upcast,
-            C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=_stages(bm, bn, bkc))
+            C16=_c16(chans), EVEN_K=all(c % bkc == 0 for c in chans), EVEN_N=c_out % bn == 0,
+            num_warps=_warps(bm, bn), num_stages=_stages(bm, bn, bkc))
         cpg = c_out // groups
         _gn_fwd_finish_kernel[(heads * batch,)](
             _contig(norm_weights, lv, d), _contig(norm_biases, lv, d), tuple(triton.cdiv(n, bm) for n in npix),
@@ -1076,7 +1181,7 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
                 xs = _norm_silu(plan, ys, affine[d - 1], d - 1, lv, batch, plan.chans[lv[0]][d])
             bm = _clamp_block(co, 16, "wg_m")
             bn = _clamp_block(max(chans), 16, "wg_n")
-            bk = _clamp_block(max(s // 2 for s in sizes) ** 2, 16, "wg_k")
+            bk = _clamp_block(batch * max(s // 2 for s in sizes) ** 2, 16, "wg_k")   # K runs over samples x pixels
             taps = _cap("wg_taps")
             segs, seg_lvl, nprog = _segments(
                 [plan.counts[l] * (16 // taps) * triton.cdiv(co, bm) * triton.cdiv(c, bn) for l, c in zip(lv, chans)],
@@ -1086,7 +1191,9 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
             _conv_wgrad_kernel[(nprog,)](
                 gy, xs, tuple(g_w[l][d] for l in lv), sizes, chans, meta[0], segs, seg_lvl, batch, co,
                 L=len(lv), SHARED_X=d == 0, TAPS=taps, BM=bm, BN=bn, BK=bk, PREC=prec, UPCAST=upcast,
-                C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=min(3, _stages(bn, bm, bk)))   # 4: spills
+                C16=_c16(chans), ALIGNED=all(_k_steps_aligned(bk, s // 2) for s in sizes),
+                EVEN_C=all(c % bn == 0 for c in chans), EVEN_O=co % bm == 0,
+                EVEN_Q=all(batch * (s // 2) ** 2 % bk == 0 for s in sizes), num_warps=_warps(bm, bn), num_stages=min(3, _stages(bn, bm, bk)))   # 4: spills
             del xs
         if d == 0:
             _feature_grads(plan, conv_weights, gus, features, need_feature_grads, g_features, co, prec, upcast)
@@ -1094,17 +1201,17 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
         bm, bn, bko, tiles, classes = dg_cfg[d]
         for l in lv:
             gus[(l, d - 1)] = torch.empty_like(ys[l][d - 1])
-        zeros = (0,) * len(lv)
         segs, seg_lvl, nprog = _segments(
             [plan.counts[l] * batch * (4 // classes) * triton.cdiv(((s + 1) // 2) ** 2, bm) * triton.cdiv(c, bn)
              for l, s, c in zip(lv, sizes, chans)], [0] * len(lv))
         _conv_dgrad_kernel[(nprog,)](
             gy, _gemm_weights(conv_weights, d, lv), tuple(gus[(l, d - 1)] for l in lv),
             tuple(ys[l][d - 1] for l in lv), sizes, chans, _dyn(plan.counts[l] for l in lv), *meta,
-            zeros, zeros, zeros, zeros, segs, seg_lvl, affine[d - 1], stats[d - 1], parts[d - 1], ids,
+            segs, seg_lvl, affine[d - 1], stats[d - 1], parts[d - 1], ids,
             batch, co, part_tiles[d - 1], groups, chans[0] // groups,
             L=len(lv), SHARED=False, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec,
-            UPCAST=upcast, C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=_stages(bm, bn, bko))
+            UPCAST=upcast, C16=_c16(chans), EVEN_K=co % bko == 0, EVEN_N=all(c % bn == 0 for c in chans),
+            KT=triton.cdiv(co, bko) * 4, num_warps=_warps(bm, bn), num_stages=_stages(bm, bn, bko))
 
     if not need_param_grads:
         g_w = [[None] * plan.depths[l] for l in range(nlev)]
@@ -1113,16 +1220,13 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
 
 
 def _feature_grads(plan, conv_weights, gus, features, need, g_features, c_out, prec, upcast):
-    """Layer 1's data gradient of every level that needs it: one program column (grid axis 2) per level,
-    summed over the level's heads inside the GEMM, written in the feature's own memory layout."""
+    """Layer 1's data gradient of every level that needs it: one segment of the grid per level, summed over the
+    level's heads inside the GEMM, written channels-last, returned in the feature's own memory layout."""
     lv = [l for l in plan.order if need[l]]
     if not lv:
         return
-    for l in lv:
-        g_features[l] = torch.empty_like(features[l])
     bm, bn, bko, tiles, classes = _dgrad_config(plan, 0, lv, c_out)
-    outs = tuple(g_features[l] for l in lv)
-    strides = [tuple(g.stride(i) for g in outs) for i in (0, 2, 3, 1)]      # (b, h, w, c)
+    outs = tuple(torch.empty_like(features[l], memory_format=torch.channels_last) for l in lv)
     chans = tuple(plan.chans[l][0] for l in lv)
     batch = features[0].shape[0]
     sizes = tuple(plan.sizes[l][0] for l in lv)
@@ -1133,6 +1237,10 @@ def _feature_grads(plan, conv_weights, gus, features, need, g_features, c_out, p
     _conv_dgrad_kernel[(nprog,)](
         tuple(gus[(l, 0)] for l in lv), _gemm_weights(conv_weights, 0, lv), outs, outs,
         sizes, chans, _dyn(plan.counts[l] for l in lv), *plan.meta(lv),
-        *strides, segs, seg_lvl, plan.ids, plan.ids, plan.ids, plan.ids, batch, c_out, 1, 1, 1,
+        segs, seg_lvl, plan.ids, plan.ids, plan.ids, plan.ids, batch, c_out, 1, 1, 1,
         L=len(lv), SHARED=True, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec,
-        UPCAST=upcast, C16=_c16(chans), num_warps=_warps(bm, bn), num_stages=min(3, _stages(bm, bn, bko)))
+        UPCAST=upcast, C16=_c16(chans), EVEN_K=c_out % bko == 0, EVEN_N=all(c % bn == 0 for c in chans),
+        KT=triton.cdiv(c_out, bko) * 4, num_warps=_warps(bm, bn), num_stages=min(3, _stages(bm, bn, bko)))
+    for l, g in zip(lv, outs):      # the feature's own layout (no copy when it is channels-last)
+        cl = features[l].is_contiguous(memory_format=torch.channels_last)
+        g_features[l] = g if cl else torch.empty_like(features[l]).copy_(g)
