@@ -310,7 +310,7 @@ def test_layer_norm_arguments():
     from nitrokernels.ops.layer_norm import layer_norm
 
     x = torch.randn(2, 5)
-    with pytest.raises(ValueError, match=r"weight must have shape normalized_shape \(5,\), got \(4,\)"):
+    with pytest.raises(ValueError, match=r"weight must have shape \(5,\) \(normalized_shape\), got \(4,\)"):
         layer_norm(x, 5, torch.ones(4))
     with pytest.raises(ValueError, match="eps must be a finite number"):
         layer_norm(x, 5, eps="x")

@@ -242,3 +242,15 @@ def use_backend(backend: str, *ops: str):
         yield
     finally:
         _forced.reset(token)
+
+
+def check_affine(op: str, weight, bias, shape: tuple, shape_name: str) -> None:
+    """The optional affine weight / bias of a normalisation op: Tensors (or None) of `shape` (called
+    `shape_name` in the message); the device is checked with the input's by the op."""
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(p).__name__}")
+        if tuple(p.shape) != tuple(shape):
+            raise ValueError(f"{op}: {name} must have shape {tuple(shape)} ({shape_name}), got {tuple(p.shape)}")

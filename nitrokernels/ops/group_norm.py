@@ -44,7 +44,7 @@ from typing import Optional
 
 import torch
 
-from nitrokernels.ops.dispatch import dispatched_op, triton_interpreting
+from nitrokernels.ops.dispatch import check_affine, dispatched_op, triton_interpreting
 from nitrokernels.ops.reference import group_norm_silu_reference
 
 __all__ = ["group_norm_silu", "GROUP_NORM_SILU"]
@@ -371,13 +371,7 @@ def _check_inputs(x, num_groups, weight, bias, temb, act) -> bool:
         raise ValueError(f"group_norm_silu: num_channels C={c} is not divisible by num_groups={num_groups}")
     if act not in _ACTS:
         raise ValueError(f"group_norm_silu: act must be 'silu' or None, got {act!r}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"group_norm_silu: {name} must be a Tensor or None, got {type(p).__name__}")
-        if tuple(p.shape) != (c,):
-            raise ValueError(f"group_norm_silu: {name} must have shape ({c},) for C={c}, got {tuple(p.shape)}")
+    check_affine("group_norm_silu", weight, bias, (c,), f"(C,) for C={c}")
     if temb is not None:
         if not isinstance(temb, torch.Tensor):
             raise TypeError(f"group_norm_silu: temb must be a Tensor or None, got {type(temb).__name__}")

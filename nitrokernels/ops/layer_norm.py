@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nitrokernels.ops.dispatch import dispatched_op
+from nitrokernels.ops.dispatch import check_affine, dispatched_op
 
 LAYER_NORM = dispatched_op("layer_norm", "LayerNorm over trailing dims (torch's fused kernel; no Triton backend)")
 
@@ -44,15 +44,9 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
                         f"{normalized_shape!r}") from None
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"layer_norm: eps must be a finite number >= 0, got {eps!r}")
+    check_affine("layer_norm", weight, bias, normalized_shape, "normalized_shape")
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"layer_norm: {name} must be a Tensor or None, got {type(p).__name__}")
-        if tuple(p.shape) != normalized_shape:
-            raise ValueError(f"layer_norm: {name} must have shape normalized_shape {normalized_shape}, got "
-                             f"{tuple(p.shape)}")
-        if p.device != x.device:
+        if p is not None and p.device != x.device:
             raise ValueError(f"layer_norm: {name} is on {p.device} but x is on {x.device}")
     if tuple(x.shape[x.dim() - len(normalized_shape):]) != normalized_shape:
         raise ValueError(f"layer_norm: input of shape {tuple(x.shape)} does not end with normalized_shape "
