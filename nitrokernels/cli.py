@@ -140,6 +140,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="nitrokernels", description=__doc__)
+    from nitrokernels import __version__
+    parser.add_argument("--version", action="version", version=f"nitrokernels {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{info,demo,generate,bench}")
     _add_info(sub)
     for name, (module, help_text) in DELEGATED.items():

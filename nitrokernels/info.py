@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 import platform
+import sys
+import types
 
 import torch
 
@@ -67,6 +69,14 @@ def _op_choices(device: torch.device) -> dict[str, dict]:
     return choices
 
 
+def _forced_backend() -> str | None:
+    """NITROKERNELS_BACKEND as the ops read it; an invalid value is reported, not raised (info must work then)."""
+    try:
+        return dispatch._env_forced() or None
+    except ValueError as err:
+        return f"invalid ({err})"
+
+
 def collect() -> dict:
     modules = import_op_modules()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,7 +91,7 @@ def collect() -> dict:
         "gpu": _gpu(),
         "extension": {"status": _ext.extension_status(), "archs": _ext.compiled_archs(),
                       "built_with_torch": build.get("torch"), "built_with_cuda": build.get("torch_cuda")},
-        "forced_backend": dispatch._env_forced() or None,
+        "forced_backend": _forced_backend(),
         "op_modules": modules,
         "device": str(device),
         "ops": _op_choices(device),
@@ -122,3 +132,17 @@ def info() -> dict:
 
 def print_info() -> None:
     print(format_info(collect()))
+
+
+class _CallableModule(types.ModuleType):
+    """`nitrokernels.info` is both this module and the function `nk.info()`: importing the submodule makes it the
+    package's `info` attribute, which would shadow the function after the first call."""
+
+    def __call__(self) -> dict:
+        return info()
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":      # python -m nitrokernels.info
+    print_info()

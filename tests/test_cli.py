@@ -1,5 +1,6 @@
 """The command line: every subcommand has --help, `info` reports the installation, `bench` skips without a GPU."""
 import json
+import os
 import subprocess
 import sys
 
@@ -120,3 +121,24 @@ def test_generate_main_refuses_bad_device_and_seed(capsys, tmp_path):
     assert "device 'bogus' is not a torch device" in capsys.readouterr().err
     assert generate.main(["--prompt", "3", "--seed", str(2 ** 64), "--out", str(tmp_path)]) == 2
     assert "--seed must be in" in capsys.readouterr().err
+
+
+def test_info_is_callable_every_time_and_runs_as_a_module():
+    """nk.info() keeps working after the submodule was imported (issue 16), and `python -m nitrokernels.info`
+    prints the report."""
+    code = ("import nitrokernels as nk; a = nk.info(); import nitrokernels.info; b = nk.info(); "
+            "assert a.keys() == b.keys() and nk.info.collect().keys() == a.keys(); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "nitrokernels.info"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("nitrokernels "), proc.stderr
+
+
+def test_version_and_info_with_an_invalid_forced_backend():
+    from nitrokernels import __version__
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"nitrokernels {__version__}"
+    proc = run_cli("info", env={**os.environ, "NITROKERNELS_BACKEND": "bogus"})
+    assert proc.returncode == 0, proc.stderr
+    assert "NITROKERNELS_BACKEND=invalid" in proc.stdout and "bogus" in proc.stdout
