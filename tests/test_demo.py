@@ -63,7 +63,16 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     for key in ("d_accuracy", "logit_gap", "head_age", "global_conditional/d_accuracy"):
         assert key in summary["mean"] and key in summary["last_quarter"]
     assert 0.0 <= summary["mean"]["d_accuracy"] <= 1.0 and summary["mean"]["head_age"] >= 0.0
-    assert "discriminator: accuracy" in out
+    assert "discriminator: accuracy" in out and "--quick: 8 iterations, the student is barely trained" in out
     from PIL import Image
 
     assert Image.open(tmp_path / "samples.png").size[0] > 100
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--steps", "--eval-per-class"])
+def test_demo_refuses_zero_sizes(flag, capsys):
+    """`--batch-size 0` used to run with the default 16 (issue 16): zero sizes are refused before any model loads."""
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    assert demo.run(parser.parse_args(["--quick", flag, "0", "--no-progress"])) == 2
+    assert "must be >= 1" in capsys.readouterr().out

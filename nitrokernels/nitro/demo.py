@@ -241,8 +241,8 @@ def run(args) -> int:
     t_start = time.time()
     settings = dict(QUICK if args.quick else DEFAULT)
     steps = args.steps if args.steps is not None else settings["steps"]
-    batch = args.batch_size or settings["batch_size"]
-    per_class = args.eval_per_class or settings["eval_per_class"]
+    batch = args.batch_size if args.batch_size is not None else settings["batch_size"]     # 0 is refused below
+    per_class = args.eval_per_class if args.eval_per_class is not None else settings["eval_per_class"]
     if steps < 1 or batch < 1 or per_class < 2:
         print("nitrokernels demo: --steps and --batch-size must be >= 1 and --eval-per-class >= 2")
         return 2
@@ -278,6 +278,9 @@ def run(args) -> int:
     table = format_table(results)
     disc_summary = discriminator_summary(history)
     print()
+    if args.quick:
+        print(f"(--quick: {steps} iterations, the student is barely trained -- these numbers check the plumbing, "
+              f"not the method; run without --quick for the real demo)")
     print(table)
     print(format_discriminator_summary(disc_summary))
     t1, t25, s1 = results["teacher"][1], results["teacher"][25], results["student"][1]
