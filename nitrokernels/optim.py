@@ -4,6 +4,10 @@
     opt = nitrokernels.optim.SampledAdamW(pool.parameters(), lr=1e-4)
     ids = pool.sample(2); loss = pool(features, ids).sum(); loss.backward(); opt.step(); opt.zero_grad()
 
+`clip_grad_norm_` is torch.nn.utils.clip_grad_norm_ for parameter lists that mix dense and sparse gradients
+(torch's raises on sparse ones): the norm of a sparse gradient is that of its coalesced values (repeated rows
+summed first), and clipping scales its values in place.
+
 `SampledAdamW` is torch.optim.AdamW restricted to the rows that received a gradient:
 
   * gradients may be sparse COO with sparse_dim 1 (what `nitrokernels.ops.head_stack` returns for pooled
@@ -34,7 +38,7 @@ import torch
 
 from nitrokernels.ops.optim import check_hyperparameters, needs_master, sampled_adamw_, state_dtype
 
-__all__ = ["SampledAdamW"]
+__all__ = ["SampledAdamW", "clip_grad_norm_"]
 
 
 class SampledAdamW(torch.optim.Optimizer):
@@ -137,3 +141,33 @@ class SampledAdamW(torch.optim.Optimizer):
                                                memory_format=torch.contiguous_format).clone()
             if i in kept:
                 self._state_of(p)
+
+
+def _grad_values(g: torch.Tensor) -> torch.Tensor:
+    """The elements whose norm is the gradient's: a sparse gradient's coalesced values (repeated rows summed)."""
+    return g.coalesce()._values() if g.is_sparse else g
+
+
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False) -> torch.Tensor:
+    """Clip the gradients of `parameters` (dense or sparse COO) to a total `norm_type` norm of at most `max_norm`,
+    in place, as torch.nn.utils.clip_grad_norm_; returns the total norm before clipping (a 0-d tensor)."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value <= 0:
+            raise ValueError(f"clip_grad_norm_: {name} must be a number > 0, got {value!r}")
+    if not grads:
+        return torch.tensor(0.0)
+    norm_type = float(norm_type)
+    norms = [torch.linalg.vector_norm(_grad_values(g).detach().float(), norm_type) for g in grads]
+    device = norms[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"clip_grad_norm_: the total norm of order {norm_type} is {total.item()}: non-finite")
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        target = g._values() if g.is_sparse else g     # scaling is linear: uncoalesced values scale alike
+        target.mul_(coef.to(device=target.device, dtype=target.dtype))
+    return total

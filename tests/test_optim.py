@@ -423,3 +423,30 @@ def test_loads_a_state_dict_with_16_bit_moments():
     p.grad = sparse_rows([1], torch.randn(1, 6).to(torch.bfloat16), p.shape)
     opt2.step()
     assert state["step"][1] == 2
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf"), 1.0])
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])
+def test_clip_grad_norm_mixes_dense_and_sparse_gradients(norm_type, max_norm):
+    """nitrokernels.optim.clip_grad_norm_ equals torch's on the densified gradients: same total norm, same
+    clipped gradients; sparse rows repeat (their sum is the gradient), and the sparse layout is kept."""
+    from nitrokernels.optim import clip_grad_norm_
+
+    torch.manual_seed(0)
+    dense_p = torch.nn.Parameter(torch.randn(3, 4))
+    sparse_p = torch.nn.Parameter(torch.randn(6, 2, 2))
+    dense_p.grad = torch.randn(3, 4)
+    rows = torch.tensor([[4, 1, 4, 0]])
+    sparse_p.grad = torch.sparse_coo_tensor(rows, torch.randn(4, 2, 2), (6, 2, 2), check_invariants=True)   # 4 twice
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in (dense_p, sparse_p)]
+    ref[0].grad, ref[1].grad = dense_p.grad.clone(), sparse_p.grad.to_dense()
+    expected = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type)
+    total = clip_grad_norm_([dense_p, sparse_p], max_norm, norm_type)
+    torch.testing.assert_close(total, expected)
+    assert sparse_p.grad.is_sparse
+    torch.testing.assert_close(dense_p.grad, ref[0].grad)
+    torch.testing.assert_close(sparse_p.grad.to_dense(), ref[1].grad)
+    with pytest.raises(RuntimeError, match="sparse|Sparse"):
+        torch.nn.utils.clip_grad_norm_([sparse_p], 1.0)       # what torch does (the reason this exists)
+    with pytest.raises(ValueError, match="max_norm"):
+        clip_grad_norm_([dense_p], 0.0)
