@@ -53,6 +53,9 @@ def _extension_plan():
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     sources = sorted(glob.glob("csrc/**/*.cu", recursive=True) + glob.glob("csrc/**/*.cpp", recursive=True))
+    if not sources:    # e.g. an sdist made without MANIFEST.in: the pure package, with the reason
+        info["reason"] = "no CUDA sources under csrc/ in this source tree"
+        return None, info
     ext = CUDAExtension(
         name="nitrokernels._C",
         sources=sources,
