@@ -20,6 +20,11 @@ DELEGATED = {
 }
 
 
+# optional dependency (top-level module) -> the extra that installs it (pyproject.toml)
+EXTRA_OF = {"diffusers": "nitro", "transformers": "nitro", "sklearn": "nitro", "matplotlib": "nitro",
+            "PIL": "nitro", "pytest": "test", "pytest_benchmark": "test"}
+
+
 def _add_info(sub):
     p = sub.add_parser("info", help="versions, GPU, CUDA extension, Triton, and which backend each op uses",
                        description="Print versions, the GPU, whether the CUDA extension is built (and for which "
@@ -211,6 +216,13 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except ModuleNotFoundError as err:      # a lazy import of an optional dependency, deep inside a command
+        extra = EXTRA_OF.get((err.name or "").split(".")[0])
+        if extra is None or os.environ.get("NITROKERNELS_DEBUG"):
+            raise
+        print(f"nitrokernels {args.command}: needs the module {err.name!r}, which is not installed: "
+              f"pip install 'nitrokernels[{extra}]'", file=sys.stderr)
+        return 2
     except (OSError, ValueError, UsageError) as err:
         # user-facing failures (files, bad values) as one line; NITROKERNELS_DEBUG=1 shows the traceback
         if os.environ.get("NITROKERNELS_DEBUG"):

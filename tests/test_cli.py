@@ -142,3 +142,19 @@ def test_version_and_info_with_an_invalid_forced_backend():
     proc = run_cli("info", env={**os.environ, "NITROKERNELS_BACKEND": "bogus"})
     assert proc.returncode == 0, proc.stderr
     assert "NITROKERNELS_BACKEND=invalid" in proc.stdout and "bogus" in proc.stdout
+
+
+def test_a_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
+    """A lazy import of an optional dependency inside a command: one line naming the module and the extra."""
+    from nitrokernels.nitro import generate
+
+    def run(args):
+        raise ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
+    monkeypatch.setattr(generate, "run", run)
+    monkeypatch.delenv("NITROKERNELS_DEBUG", raising=False)
+    assert cli.main(["generate", "--prompt", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "'diffusers'" in err and "pip install 'nitrokernels[nitro]'" in err
+    monkeypatch.setattr(generate, "run", lambda args: __import__("no_such_module_xyz"))
+    with pytest.raises(ModuleNotFoundError):        # not an optional dependency: a real bug, raised
+        cli.main(["generate", "--prompt", "7"])

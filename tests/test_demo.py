@@ -76,3 +76,12 @@ def test_demo_refuses_zero_sizes(flag, capsys):
     demo.add_arguments(parser)
     assert demo.run(parser.parse_args(["--quick", flag, "0", "--no-progress"])) == 2
     assert "must be >= 1" in capsys.readouterr().out
+
+
+def test_save_student_without_a_path_refused_outside_a_checkout(monkeypatch, capsys):
+    """An installed package's shipped asset is not overwritten by `--save-student` without a PATH (issue 16)."""
+    monkeypatch.setattr(demo, "_in_source_checkout", lambda: False)
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    assert demo.run(parser.parse_args(["--quick", "--save-student", "--no-progress"])) == 2
+    assert "give a PATH" in capsys.readouterr().out

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluation samples per digit (default 50; 10 quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--save-student", nargs="?", const="__asset__", default=None, metavar="PATH",
-                        help="also save the student (fp16 safetensors); without PATH: the package's shipped asset")
+                        help="also save the student (fp16 safetensors); without PATH: the package's shipped asset "
+                             "(source checkouts only)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -230,6 +231,12 @@ def format_discriminator_summary(summary: dict) -> str:
             f"{m['head_age']:.1f} updates")
 
 
+def _in_source_checkout() -> bool:
+    """Whether this package runs from a git checkout (where the shipped assets are made), not an install."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.exists(os.path.join(os.path.dirname(package), ".git"))
+
+
 def run(args) -> int:
     import copy
 
@@ -245,6 +252,10 @@ def run(args) -> int:
     per_class = args.eval_per_class if args.eval_per_class is not None else settings["eval_per_class"]
     if steps < 1 or batch < 1 or per_class < 2:
         print("nitrokernels demo: --steps and --batch-size must be >= 1 and --eval-per-class >= 2")
+        return 2
+    if args.save_student == "__asset__" and not _in_source_checkout():
+        print("nitrokernels demo: --save-student without a PATH replaces the package's shipped student asset, "
+              "which is only done in a source checkout; give a PATH (e.g. --save-student student.safetensors)")
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
