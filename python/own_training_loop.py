@@ -14,7 +14,7 @@ import torch
 
 from nitrokernels.nitro import DynamicDiscriminator, TimestepShiftLCMScheduler, sample
 from nitrokernels.nitro import digits
-from nitrokernels.optim import SampledAdamW
+from nitrokernels.optim import SampledAdamW, clip_grad_norm_
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--steps", type=int, default=100, help="training iterations (default 100)")
@@ -56,6 +56,7 @@ for step in range(args.steps):
     selection = disc.sample()                 # every t* group, one head per level per kind, from the pool
     d_out = disc.d_loss(real, fake.detach(), cond, uncond, selection=selection)
     d_out.d_loss.backward()                   # sparse gradients: only the sampled heads' rows
+    clip_grad_norm_(disc.head_parameters(), 10.0)   # torch's clip_grad_norm_ refuses sparse gradients
     heads_opt.step()
     heads_opt.zero_grad()
     disc.record_updates(selection)            # head ages: refresh only re-initialises heads that have learnt
@@ -69,5 +70,6 @@ for step in range(args.steps):
         print(f"step {step:4d}  d_loss {d_out.d_loss.item():.3f}  g_loss {g_out.g_loss.item():.3f}")
 
 os.makedirs(args.out, exist_ok=True)
+torch.save(disc.heads_state_dict(), os.path.join(args.out, "heads.pt"))   # the pool and head ages, not the backbone
 digits.save_grid_png(path := os.path.join(args.out, "one_step_before_after.png"), [before, grid_row(student)])
 print(path)
