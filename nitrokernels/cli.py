@@ -1,4 +1,4 @@
-"""Command line: `nitrokernels info | demo | generate | bench` (also `python -m nitrokernels ...`)."""
+"""Command line: `nitrokernels info | demo | distill | generate | bench` (also `python -m nitrokernels ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,9 @@ DELEGATED = {
     "demo": ("nitrokernels.nitro.demo",
              "distil the embedded digits teacher into a one-step student with a NitroFusion head pool "
              "and evaluate it (the main job; runs on a CPU in minutes)"),
+    "distill": ("nitrokernels.nitro.distill_cli",
+                "train a one-step NitroFusion student from local teacher/student models and a prompt file "
+                "(--preset digits runs on a CPU; torchrun for several GPUs; --dry-run: memory per GPU)"),
     "generate": ("nitrokernels.nitro.generate",
                  "generate images in 1-4 steps (NitroSD weights from local paths, or the embedded digits model)"),
 }
@@ -147,7 +150,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nitrokernels", description=__doc__)
     from nitrokernels import __version__
     parser.add_argument("--version", action="version", version=f"nitrokernels {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{info,demo,generate,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,demo,distill,generate,bench}")
     _add_info(sub)
     for name, (module, help_text) in DELEGATED.items():
         _add_delegated(sub, name, module, help_text, chosen=(name == command))

@@ -1,0 +1,289 @@
+"""NitroDistiller on 1 to N processes with torch.distributed (NCCL on GPUs, gloo on the CPU).
+
+    torchrun --nproc_per_node=2 -m nitrokernels distill --preset digits --out runs/x --steps 20
+
+What is shared, what is per rank (DistributedNitroDistiller):
+  * every rank seeds the distiller's two generators (host + device) with the same run seed, so every rank draws
+    the same t* groups, head ids, schedule steps (backward simulation) and refreshes the same heads;
+  * the data each rank sees comes from those generators too, but as rows of a *global* batch: each micro-batch
+    draws world_size x batch_size prompts and noise (and the backward-simulation and re-noising noise) and rank r
+    keeps rows [r*batch_size, (r+1)*batch_size). A rank's stream is thus a function of the run seed and its rank
+    only (reproducible), and a run on N ranks of batch B is the same computation as a run on 1 rank of batch N*B
+    (tests/test_distributed.py checks this within fp32 tolerance). The price is drawing N*B noise samples on every
+    rank, negligible against a UNet call;
+  * the student is data-parallel: its grad-enabled forwards go through torch's DistributedDataParallel (which
+    all-reduces the gradients in buckets during backward; find_unused_parameters=True because a UNet config can
+    hold parameters that a forward does not use);
+  * the heads' gradients are sparse COO tensors of the sampled rows only: before each heads optimiser step their
+    coalesced values (all sampled rows of all pools) are averaged in ONE all-reduce of one flat buffer per dtype;
+    the pool never goes dense on the wire (`heads_allreduce_numel` records what was sent);
+  * the logged losses and diagnostics are averaged over the ranks (one small all-reduce per iteration);
+  * rank 0 alone writes log.jsonl, the sample grids and the (atomic) checkpoint, plus `distributed.json` with the
+    world size; a resume needs the same world size (refused otherwise) and continues exactly.
+Not supported with world_size > 1: mixed_precision="fp16" (the GradScaler's inf check would run per rank before
+the heads' all-reduce; use bf16). A teacher scheduler that draws noise in `step` (ancestral / LCM samplers) gets
+the shared generator with a per-rank batch: its noise is then the same on every rank (DDIM/Euler draw none).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nitrokernels.nitro.distiller import CheckpointError, NitroDistiller, _map, _MicroBatch
+
+__all__ = ["DistContext", "init_distributed", "allreduce_sparse_grads_", "DistributedNitroDistiller",
+           "WORLD_FILE"]
+
+WORLD_FILE = "distributed.json"
+
+
+@dataclass
+class DistContext:
+    """Where this process stands: rank, world size, local rank (the GPU index under torchrun), backend."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+
+    def device(self, requested: str | None = None) -> torch.device:
+        """This rank's device: cuda:<local_rank> on several processes with CUDA, else `requested` (default: cuda
+        when available, else the CPU)."""
+        if requested is not None:
+            dev = torch.device(requested)
+            return torch.device("cuda", self.local_rank) if dev.type == "cuda" and self.distributed else dev
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+
+def init_distributed(backend: str | None = None) -> DistContext:
+    """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR in the environment)
+    or the one already initialised; a plain process is rank 0 of 1 (no process group). Backend: NCCL when CUDA is
+    available, else gloo."""
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+                           dist.get_backend())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, backend)
+
+
+@torch.no_grad()
+def allreduce_sparse_grads_(params, world_size: int, group=None, check_indices: bool = False) -> int:
+    """Average the gradients of `params` over the ranks in place, sending only the values of sparse COO gradients
+    (their coalesced rows): one flat buffer per dtype, one all-reduce each. Every rank must hold gradients of the
+    same rows (the same sampled heads), which `check_indices` verifies with one more small all-reduce. Dense
+    gradients (a backend without sparse gradients) are averaged whole, in the same buffer. Returns the number of
+    elements all-reduced."""
+    grads = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            g = g.coalesce()
+            grads.append((p, g, g._values()))
+        else:
+            grads.append((p, None, g))
+    if not grads or world_size <= 1:
+        return 0
+    if check_indices:
+        sig = torch.tensor([[float(i), float(s._indices().numel()), float(s._indices().sum()) if s is not None else -1.0]
+                            for i, (_, s, _) in enumerate(grads) if s is not None] or [[0.0, 0.0, 0.0]],
+                           dtype=torch.float64, device=grads[0][2].device)
+        lo, hi = sig.clone(), sig.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+        if not torch.equal(lo, hi):
+            raise RuntimeError("allreduce_sparse_grads_: the ranks hold gradients of different head rows (the head "
+                               "ids must come from the shared generator)")
+    sent = 0
+    by_dtype: dict = {}
+    for item in grads:
+        by_dtype.setdefault(item[2].dtype, []).append(item)
+    for items in by_dtype.values():
+        flat = torch.cat([v.reshape(-1) for _, _, v in items])
+        dist.all_reduce(flat, group=group)
+        flat.div_(world_size)
+        sent += flat.numel()
+        offset = 0
+        for p, s, v in items:
+            n = v.numel()
+            new = flat[offset:offset + n].view_as(v)
+            offset += n
+            if s is None:
+                p.grad.copy_(new)
+            else:
+                p.grad = torch.sparse_coo_tensor(s._indices(), new, s.shape, is_coalesced=True)
+    return sent
+
+
+class DistributedNitroDistiller(NitroDistiller):
+    """NitroDistiller across the ranks of `ctx` (see the module docstring). `config.batch_size` is per rank; with
+    ctx.world_size == 1 this is a plain NitroDistiller (same draws, same results)."""
+
+    def __init__(self, *args, ctx: DistContext | None = None, check_indices: bool = False, **kwargs):
+        self.ctx = ctx or DistContext()
+        config = args[4] if len(args) > 4 else kwargs["config"]
+        if self.ctx.distributed and config.mixed_precision == "fp16":
+            raise ValueError("DistillConfig.mixed_precision='fp16' is not supported on several processes (the "
+                             "GradScaler's per-rank inf check would let the ranks diverge); use 'bf16'")
+        if not self.ctx.is_main:
+            config.progress = False
+        super().__init__(*args, **kwargs)
+        self.check_indices = check_indices
+        self.heads_allreduce_numel: list[int] = []
+        self._ddp = None
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # the heads were initialised from the same seed on every rank; make sure of it bit for bit
+            with torch.no_grad():
+                for p in self.disc.head_parameters():
+                    dist.broadcast(p.data, 0)
+            devices = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(self.student, device_ids=devices, broadcast_buffers=False,
+                                                find_unused_parameters=True)
+            self.opt_heads.register_step_pre_hook(self._sync_heads)
+            self.disc.renoise = self._renoise
+
+    # ------------------------------------------------------------------------------- global-batch draws
+    def _rows(self, batch: int) -> slice:
+        return slice(self.ctx.rank * batch, (self.ctx.rank + 1) * batch)
+
+    def _global_randn(self, shape, generator, device, dtype=None):
+        """This rank's rows of a draw of the global batch (world_size x shape[0] rows) from `generator`."""
+        shape = tuple(shape)
+        full = torch.randn((shape[0] * self.ctx.world_size,) + shape[1:], generator=generator, device=device,
+                           dtype=dtype)
+        return full[self._rows(shape[0])]
+
+    def _renoise(self, x0, t, generator=None):
+        d = self.disc
+        a = d.alphas_cumprod[t].to(x0.device)
+        gen_device = generator.device if generator is not None else x0.device
+        eps = self._global_randn(x0.shape, generator, gen_device, x0.dtype).to(x0.device)
+        return a.sqrt().to(x0.dtype) * x0 + (1 - a).sqrt().to(x0.dtype) * eps
+
+    def _micro_batches(self):
+        cfg = self.config
+        batches = []
+        rows = self._rows(cfg.batch_size)
+        for _ in range(cfg.grad_accum):
+            cond, uncond, idx = self.prompts(cfg.batch_size * self.ctx.world_size, self.host_gen, self.device)
+            cond = _map(cond, lambda v: v[rows])
+            uncond = None if uncond is None else _map(uncond, lambda v: v[rows])
+            noise = self._global_randn(self._latent_shape(cfg.batch_size), self.dev_gen, self.device)
+            steps, index = self._draw_step()
+            x = self.simulate_input(noise, cond, steps, index)
+            batches.append(_MicroBatch(noise, cond, uncond, steps, index, x))
+        return batches
+
+    @torch.no_grad()
+    def simulate_input(self, noise, cond, steps, index):
+        x = noise.float()
+        sched = self.student_scheduler
+        for i in range(index):
+            denoised = self.student_denoise(x, cond, steps, i)
+            a_next = float(sched.alphas_cumprod[int(sched.lcm_timesteps[i + 1])])
+            z = self._global_randn(x.shape, self.dev_gen, self.device)
+            x = a_next ** 0.5 * denoised + (1 - a_next) ** 0.5 * z
+        return x
+
+    # ------------------------------------------------------------------------------------ gradients
+    def student_denoise(self, x, cond, steps, index, model=None):
+        if model is None and self._ddp is not None and torch.is_grad_enabled():
+            model = self._ddp  # grad-enabled forwards: DDP all-reduces the student's gradients in backward
+        return super().student_denoise(x, cond, steps, index, model)
+
+    def _sync_heads(self, optimizer, args, kwargs):
+        n = allreduce_sparse_grads_(list(self.disc.head_parameters()), self.ctx.world_size,
+                                    check_indices=self.check_indices)
+        self.heads_allreduce_numel.append(n)
+
+    def train_step(self) -> dict:
+        result = super().train_step()
+        if self.ctx.distributed:
+            keys = [k for k in ("d_loss", "g_loss", "regression_loss") if k in result]
+            diag = sorted(result.get("diagnostics", {}))
+            values = [torch.as_tensor(result[k]).detach().float().reshape(()) for k in keys]
+            values += [torch.as_tensor(result["diagnostics"][k]).detach().float().reshape(()) for k in diag]
+            if values:
+                flat = torch.stack(values).to(self.device)
+                dist.all_reduce(flat)
+                flat.div_(self.ctx.world_size)
+                for i, k in enumerate(keys):
+                    result[k] = flat[i]
+                for j, k in enumerate(diag):
+                    result["diagnostics"][k] = flat[len(keys) + j]
+        return result
+
+    # --------------------------------------------------------------------------------- rank-0 files
+    def _flush_log(self, elapsed):
+        if self.ctx.is_main:
+            return super()._flush_log(elapsed)
+        out_dir, self.config.out_dir = self.config.out_dir, None
+        try:
+            return super()._flush_log(elapsed)
+        finally:
+            self.config.out_dir = out_dir
+
+    def save_samples(self, path=None):
+        if not self.ctx.is_main:
+            return None
+        return super().save_samples(path)
+
+    def save_checkpoint(self, path=None):
+        path = path or (os.path.join(self.config.out_dir, "checkpoint.pt") if self.config.out_dir else None)
+        if self.ctx.is_main:
+            path = super().save_checkpoint(path)
+            folder = os.path.dirname(os.path.abspath(path))
+            tmp = os.path.join(folder, f"{WORLD_FILE}.tmp-{os.getpid()}")
+            with open(tmp, "w") as f:
+                json.dump({"world_size": self.ctx.world_size, "step": self.step}, f)
+            os.replace(tmp, os.path.join(folder, WORLD_FILE))
+        elif self._pending:
+            self._flush_log(0.0)
+        self.ctx.barrier()
+        return path
+
+    def load_checkpoint(self, path):
+        sidecar = os.path.join(os.path.dirname(os.path.abspath(path)), WORLD_FILE)
+        saved = 1
+        if os.path.exists(sidecar):
+            with open(sidecar) as f:
+                saved = int(json.load(f).get("world_size", 1))
+        if saved != self.ctx.world_size:
+            raise CheckpointError(f"checkpoint {path} was written by a run on {saved} process(es) ({sidecar}); this "
+                                  f"run has {self.ctx.world_size}: resume with the same world size (the per-rank "
+                                  f"batch and data streams depend on it)")
+        return super().load_checkpoint(path)
+
+
+def config_with(config, **changes):
+    """A copy of a DistillConfig with some fields changed (validated again)."""
+    return dataclasses.replace(config, **changes)
