@@ -138,7 +138,8 @@ def allreduce_sparse_grads_(params, world_size: int, group=None, check_indices: 
             if s is None:
                 p.grad.copy_(new)
             else:
-                p.grad = torch.sparse_coo_tensor(s._indices(), new, s.shape, is_coalesced=True)
+                p.grad = torch.sparse_coo_tensor(s._indices(), new, s.shape, is_coalesced=True,
+                                                 check_invariants=False)
     return sent
 
 
@@ -146,7 +147,8 @@ class DistributedNitroDistiller(NitroDistiller):
     """NitroDistiller across the ranks of `ctx` (see the module docstring). `config.batch_size` is per rank; with
     ctx.world_size == 1 this is a plain NitroDistiller (same draws, same results)."""
 
-    def __init__(self, *args, ctx: DistContext | None = None, check_indices: bool = False, **kwargs):
+    def __init__(self, *args, ctx: DistContext | None = None, check_indices: bool = False,
+                 find_unused_parameters: bool = True, **kwargs):
         self.ctx = ctx or DistContext()
         config = args[4] if len(args) > 4 else kwargs["config"]
         if self.ctx.distributed and config.mixed_precision == "fp16":
@@ -165,9 +167,14 @@ class DistributedNitroDistiller(NitroDistiller):
             with torch.no_grad():
                 for p in self.disc.head_parameters():
                     dist.broadcast(p.data, 0)
+            import inspect
+
             devices = [self.device.index] if self.device.type == "cuda" else None
-            self._ddp = DistributedDataParallel(self.student, device_ids=devices, broadcast_buffers=False,
-                                                find_unused_parameters=True)
+            # the UNet's buffers are constants: no per-forward buffer broadcast (the keyword's newer name first)
+            sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+                inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False}
+            self._ddp = DistributedDataParallel(self.student, device_ids=devices,
+                                                find_unused_parameters=find_unused_parameters, **sync)
             self.opt_heads.register_step_pre_hook(self._sync_heads)
             self.disc.renoise = self._renoise
 
