@@ -207,3 +207,33 @@ def test_fsdp2_sharding_plan_on_meta(tmp_path):
         assert all(p.placements == (Shard(0),) for p in params)
     finally:
         dist.destroy_process_group()
+
+
+def test_torchrun_cli_equals_one_process_with_the_doubled_batch(tmp_path):
+    """`torchrun --nproc_per_node=2 -m nitrokernels distill --preset digits` (batch 1 per process) writes the same
+    run folder and loss curve as the plain command with batch 2."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("no torchrun on PATH")
+    disc = json.dumps({"t_star": [10, 500], "pool_sizes": 2, "heads_sampled": 1, "t_star_sampled": 1, "hidden": 8,
+                       "num_groups": 4})
+    common = ["-m", "nitrokernels", "distill", "--preset", "digits", "--steps", "2", "--no-progress",
+              "--log-every", "1", "--discriminator", disc, "--sample-count", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", *common, "--out", str(tmp_path / "two"),
+                          "--batch-size", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"), "--batch-size", "2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for name in ("checkpoint.pt", "log.jsonl", "loss.png", "samples_000002.png", "student/config.json"):
+        assert (tmp_path / "two" / name).exists() and (tmp_path / "one" / name).exists(), name
+    rows = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "two")]
+    assert [r["step"] for r in rows[1]] == [1, 2]
+    for a, b in zip(*rows):
+        assert b["d_loss"] == pytest.approx(a["d_loss"], rel=1e-4) and b["g_loss"] == pytest.approx(a["g_loss"], rel=1e-4)
