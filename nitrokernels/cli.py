@@ -25,7 +25,7 @@ DELEGATED = {
 
 # optional dependency (top-level module) -> the extra that installs it (pyproject.toml)
 EXTRA_OF = {"diffusers": "nitro", "transformers": "nitro", "sklearn": "nitro", "matplotlib": "nitro",
-            "PIL": "nitro", "pytest": "test", "pytest_benchmark": "test"}
+            "PIL": "nitro", "pytest": "test", "pytest_benchmark": "test", "peft": "lora"}
 
 
 def _add_info(sub):

@@ -344,3 +344,66 @@ def test_dry_run_sdxl_from_config_on_meta(tmp_path, capsys, monkeypatch):
     assert abs((ddp[1] - fsdp[1]) - 4 * n * 7 / 8 / gib) < 0.05          # fp32 gradients, 7/8 of them elsewhere
     assert abs((ddp[2] - fsdp[2]) - 8 * n * 7 / 8 / gib) < 0.05          # AdamW's two fp32 moments
     assert 1.0 < ddp[3] < 100.0          # activations of batch 2 at 1024^2, fused attention
+
+
+@pytest.mark.parametrize("sampler", distill_cli.SAMPLERS)
+def test_teacher_samplers_from_the_pipeline_schedule(tmp_path, sampler):
+    """--teacher-sampler: the saved scheduler or DDIM/Euler/DPM/LCM built from its noise schedule, each usable for
+    a 4-step teacher run (set_timesteps + step)."""
+    pipe = make_tiny_sdxl(tmp_path / "pipe")
+    spec = _resolve("--teacher", pipe, "--dry-run", "--teacher-sampler", sampler)
+    sched = distill_cli.make_teacher_scheduler(spec)
+    assert sched.config.beta_schedule == "scaled_linear" and sched.config.beta_end == 0.012
+    sched.set_timesteps(4)
+    assert len(sched.timesteps) == 4
+    x = torch.randn(1, 4, 8, 8) * getattr(sched, "init_noise_sigma", 1.0)
+    gen = torch.Generator().manual_seed(0)
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(x, t)
+        kwargs = {"generator": gen} if sampler in ("lcm",) else {}
+        x = sched.step(torch.zeros_like(inp), t, x, **kwargs).prev_sample
+    assert torch.isfinite(x).all()
+
+
+def test_lora_student_trains_only_the_adapter_and_resumes(tmp_path, capsys):
+    """--lora-rank: only the adapter trains (the base weights stay the teacher's), the checkpoint resumes exactly,
+    and <out>/student_lora/ loads into a fresh UNet that computes what the trained student does."""
+    pytest.importorskip("peft")
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    pipe = make_tiny_sdxl(tmp_path / "pipe")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    common = ["--teacher", pipe, "--prompts", prompts, "--batch-size", 1, "--teacher-steps", 1, "--train-steps", 1,
+              "--no-progress", "--log-every", 1, "--sample-count", 1, "--lora-rank", 4, "--lr-student", 1e-2,
+              "--discriminator", json.dumps(FAST_DISC)]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli(*common, "--out", straight, "--steps", 3) == 0, capsys.readouterr().err
+    assert run_cli(*common, "--out", split, "--steps", 2) == 0
+    assert run_cli(*common, "--out", split, "--steps", 3, "--resume") == 0
+    a = [json.loads(line) for line in open(straight / "log.jsonl")]
+    b = [json.loads(line) for line in open(split / "log.jsonl")]
+    assert [(r["d_loss"], r["g_loss"]) for r in a] == [(r["d_loss"], r["g_loss"]) for r in b]
+
+    lora = load_file(straight / "student_lora" / "pytorch_lora_weights.safetensors")
+    assert lora and all("lora" in k for k in lora)
+    assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 0   # B moved off its zero init
+    ckpt = torch.load(straight / "checkpoint.pt", weights_only=True)
+    base = UNet2DConditionModel.from_pretrained(os.path.join(pipe, "unet")).state_dict()
+    student = ckpt["student"]
+    for k, v in base.items():          # every base weight unchanged (peft names them <module>.base_layer.<param>)
+        key = k if k in student else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(student[key], v), k
+    assert len(ckpt["opt_student"]["param_groups"][0]["params"]) == len(lora)     # AdamW over the adapter only
+
+    fresh = distill_cli.load_lora_student(UNet2DConditionModel.from_pretrained(os.path.join(pipe, "unet")),
+                                          str(straight / "student_lora"))
+    trained = distill_cli.add_lora(UNet2DConditionModel.from_pretrained(os.path.join(pipe, "unet")),
+                                   json.load(open(straight / "student_lora" / "lora_config.json")))
+    trained.load_state_dict(student)
+    x = torch.randn(1, 4, 16, 16)
+    cond = {"encoder_hidden_states": torch.randn(1, 8, 64),
+            "added_cond_kwargs": {"text_embeds": torch.randn(1, 16), "time_ids": torch.ones(1, 6)}}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, 249, **cond).sample, trained(x, 249, **cond).sample)

@@ -43,7 +43,8 @@ EMBED_CACHE = "prompt_embeddings.safetensors"
 CACHE_FORMAT = "nitrokernels-prompt-embeddings-v1"
 # keys a config file may hold besides DistillConfig's fields (argparse dest names)
 RUN_KEYS = ("preset", "teacher", "student", "pipeline", "unet_config", "prompts", "teacher_sampler", "teacher_dtype",
-            "out", "world_size")
+            "out", "world_size", "lora_rank", "lora_alpha", "lora_targets")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # DistillConfig fields that are not generated as --<field> flags (own flags or set by the command)
 _OWN_FIELDS = {"out_dir": "--out", "discriminator": "--discriminator / [discriminator] table", "resume": "--resume"}
 
@@ -131,6 +132,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--world-size", type=int, default=None,
                      help="processes for --dry-run (default: WORLD_SIZE of torchrun, else 1, 2 and 8)")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    lora = parser.add_argument_group("LoRA student (needs peft: pip install 'nitrokernels[lora]')")
+    lora.add_argument("--lora-rank", type=int, default=None,
+                      help="train a LoRA adapter of this rank on the student's attention projections instead of all "
+                           "its weights (written to <out>/student_lora/)")
+    lora.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    lora.add_argument("--lora-targets", nargs="+", default=None, metavar="MODULE",
+                      help=f"module names the adapter wraps (default {' '.join(LORA_TARGETS)})")
     fields = parser.add_argument_group("DistillConfig fields (see below; --no-X turns a boolean off)")
     for f, tp in _distill_fields():
         if f.name in _OWN_FIELDS:
@@ -153,8 +161,11 @@ def _read_config_file(path: str) -> dict:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
         elif ext in (".yaml", ".yml"):
-            import yaml
-
+            try:
+                import yaml
+            except ImportError:
+                raise UsageError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); or use "
+                                 f"a .toml file") from None
             with open(path) as f:
                 data = yaml.safe_load(f) or {}
         else:
@@ -195,6 +206,7 @@ class RunSpec:
     resume: bool
     fields: dict
     sources: dict
+    lora: dict | None = None
 
 
 def _value_source(name, sources):
@@ -290,6 +302,26 @@ def resolve(args) -> RunSpec:
         sources["discriminator"] = "--discriminator"
     check_discriminator_kwargs(disc, sources)
     fields["discriminator"] = disc
+    lora = None
+    rank = pick("lora_rank")
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise UsageError(f"lora_rank must be an int >= 1, got {rank!r}{_value_source('lora_rank', sources)}")
+        alpha = pick("lora_alpha", rank)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise UsageError(f"lora_alpha must be a number > 0, got {alpha!r}{_value_source('lora_alpha', sources)}")
+        targets = pick("lora_targets", list(LORA_TARGETS))
+        if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
+            raise UsageError(f"lora_targets must be a list of module names, got {targets!r}"
+                             f"{_value_source('lora_targets', sources)}")
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            raise UsageError("--lora-rank needs the peft library, which is not installed: "
+                             "pip install 'nitrokernels[lora]'")
+        lora = {"rank": rank, "alpha": float(alpha), "targets": list(targets)}
+    elif pick("lora_alpha") is not None or pick("lora_targets") is not None:
+        raise UsageError("--lora-alpha / --lora-targets need --lora-rank")
     resume = bool(args.resume)
     try:
         config = DistillConfig(**{**fields, "out_dir": out, "resume": resume})
@@ -307,7 +339,7 @@ def resolve(args) -> RunSpec:
         if resume and not os.path.exists(ckpt):
             raise UsageError(f"--resume: no checkpoint to continue at {ckpt}")
     return RunSpec(preset, teacher, student, pipeline, prompts, sampler, teacher_dtype, out, resume,
-                   dataclasses.asdict(config), sources)
+                   dataclasses.asdict(config), sources, lora)
 
 
 def _cuda() -> bool:
@@ -782,8 +814,9 @@ def format_memory(est: dict) -> str:
     lines += ["", "ddp: the student replicated (DistributedDataParallel); fsdp: its parameters, gradients and AdamW "
               "states sharded over the GPUs (FSDP2 fully_shard; an estimate -- `distill --fsdp` is not implemented "
               "yet). Teacher and heads are replicated in both; the heads' gradients are their sampled rows. Not "
-              "counted: CUDA context and allocator slack (~1-3 GiB), DDP's gradient buckets (~2x 25 MiB), the "
-              "teacher's no-grad sampling and the discriminator phase (both below the generator phase's peak)."]
+              "counted: CUDA context and allocator slack (~1-3 GiB; DDP's buckets are the gradients themselves, "
+              "gradient_as_bucket_view), the teacher's no-grad sampling and the discriminator phase (both below "
+              "the generator phase's peak). Activations assume fused (flash) attention."]
     return "\n".join(lines)
 
 
@@ -835,7 +868,7 @@ def train(spec: RunSpec, args) -> int:
                     {"distill": config.fingerprint() | {"steps": config.steps}, "preset": spec.preset,
                      "teacher": spec.teacher and spec.teacher.path, "student": spec.student and spec.student.path,
                      "pipeline": spec.pipeline, "prompts": spec.prompts, "teacher_sampler": spec.sampler,
-                     "teacher_dtype": spec.teacher_dtype, "world_size": ctx.world_size})
+                     "teacher_dtype": spec.teacher_dtype, "world_size": ctx.world_size, "lora": spec.lora})
     ctx.barrier()
     torch.manual_seed(config.seed)
     decode = None
@@ -859,7 +892,12 @@ def train(spec: RunSpec, args) -> int:
         scheduler = make_teacher_scheduler(spec)
         decode = _vae_decoder(spec.pipeline, device)
         info = f"{count} prompts from {spec.prompts}"
-    distiller = DistributedNitroDistiller(teacher, student, scheduler, bank, config, decode=decode, ctx=ctx)
+    trainable = None
+    if spec.lora:
+        student = add_lora(student, spec.lora)
+        trainable = is_lora_parameter
+    distiller = DistributedNitroDistiller(teacher, student, scheduler, bank, config, decode=decode, ctx=ctx,
+                                          trainable=trainable)
     if ctx.is_main:
         disc = distiller.disc
         print(f"nitrokernels distill: {ctx.world_size} process(es) on {device}; {info}; student "
@@ -875,9 +913,15 @@ def train(spec: RunSpec, args) -> int:
         return 2
     if ctx.is_main:
         save_loss_png(os.path.join(spec.out, "loss.png"), history) if any("d_loss" in r for r in history) else None
-        student.save_pretrained(os.path.join(spec.out, "student"))
-        if distiller.ema is not None:
-            distiller.ema.save_pretrained(os.path.join(spec.out, "student_ema"))
+        if spec.lora:
+            student.save_lora_adapter(os.path.join(spec.out, "student_lora"))
+            _write_json(os.path.join(spec.out, "student_lora", "lora_config.json"), spec.lora)
+            if distiller.ema is not None:
+                distiller.ema.save_lora_adapter(os.path.join(spec.out, "student_ema_lora"))
+        else:
+            student.save_pretrained(os.path.join(spec.out, "student"))
+            if distiller.ema is not None:
+                distiller.ema.save_pretrained(os.path.join(spec.out, "student_ema"))
         last = history[-1] if history else {}
         losses = ", ".join(f"{k} {last[k]:.4f}" for k in ("d_loss", "g_loss", "regression_loss") if k in last)
         print(f"nitrokernels distill: {distiller.step} iterations done ({losses}); wrote {spec.out}/checkpoint.pt, "
@@ -888,6 +932,35 @@ def train(spec: RunSpec, args) -> int:
 
         dist.destroy_process_group()
     return 0
+
+
+def add_lora(unet, lora: dict):
+    """Wrap `unet`'s target modules with a peft LoRA adapter ("default"; B initialised to zero, so the wrapped
+    UNet computes what it did)."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], target_modules=list(lora["targets"]),
+                                init_lora_weights=True))
+    return unet
+
+
+def is_lora_parameter(name: str) -> bool:
+    return "lora_" in name
+
+
+def load_lora_student(unet, folder: str):
+    """A UNet with the adapter a `distill --lora-rank` run wrote to <out>/student_lora/ (same config)."""
+    lora = _read_json(os.path.join(folder, "lora_config.json"), "LoRA config")
+    add_lora(unet, lora)
+    from safetensors.torch import load_file
+    from peft.utils import set_peft_model_state_dict
+
+    state = load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
+    result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"{folder}: LoRA weights that this UNet does not have: {unexpected[:3]}")
+    return unet
 
 
 def _vae_decoder(pipeline: str | None, device):

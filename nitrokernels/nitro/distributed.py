@@ -12,8 +12,8 @@ What is shared, what is per rank (DistributedNitroDistiller):
     (tests/test_distributed.py checks this within fp32 tolerance). The price is drawing N*B noise samples on every
     rank, negligible against a UNet call;
   * the student is data-parallel: its grad-enabled forwards go through torch's DistributedDataParallel (which
-    all-reduces the gradients in buckets during backward; find_unused_parameters=True because a UNet config can
-    hold parameters that a forward does not use);
+    all-reduces the gradients in buckets during backward; gradient_as_bucket_view, so no second copy of the
+    gradients; find_unused_parameters=True because a UNet config can hold parameters a forward does not use);
   * the heads' gradients are sparse COO tensors of the sampled rows only: before each heads optimiser step their
     coalesced values (all sampled rows of all pools) are averaged in ONE all-reduce of one flat buffer per dtype;
     the pool never goes dense on the wire (`heads_allreduce_numel` records what was sent);
@@ -148,7 +148,7 @@ class DistributedNitroDistiller(NitroDistiller):
     ctx.world_size == 1 this is a plain NitroDistiller (same draws, same results)."""
 
     def __init__(self, *args, ctx: DistContext | None = None, check_indices: bool = False,
-                 find_unused_parameters: bool = True, **kwargs):
+                 find_unused_parameters: bool = True, trainable=None, **kwargs):
         self.ctx = ctx or DistContext()
         config = args[4] if len(args) > 4 else kwargs["config"]
         if self.ctx.distributed and config.mixed_precision == "fp16":
@@ -157,6 +157,8 @@ class DistributedNitroDistiller(NitroDistiller):
         if not self.ctx.is_main:
             config.progress = False
         super().__init__(*args, **kwargs)
+        if trainable is not None:
+            self._train_only(trainable)
         self.check_indices = check_indices
         self.heads_allreduce_numel: list[int] = []
         self._ddp = None
@@ -174,9 +176,25 @@ class DistributedNitroDistiller(NitroDistiller):
             sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
                 inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False}
             self._ddp = DistributedDataParallel(self.student, device_ids=devices,
-                                                find_unused_parameters=find_unused_parameters, **sync)
+                                                find_unused_parameters=find_unused_parameters,
+                                                gradient_as_bucket_view=True, **sync)  # no 2nd gradient copy
             self.opt_heads.register_step_pre_hook(self._sync_heads)
             self.disc.renoise = self._renoise
+
+    def _train_only(self, trainable) -> None:
+        """Train only the student parameters whose name satisfies `trainable(name)` (e.g. LoRA adapters): the
+        others are frozen and the student's AdamW (and its LR schedule) is rebuilt over the trained ones."""
+        cfg = self.config
+        params = []
+        for name, p in self.student.named_parameters():
+            p.requires_grad_(bool(trainable(name)))
+            if p.requires_grad:
+                params.append(p)
+        if not params:
+            raise ValueError("DistributedNitroDistiller: `trainable` selects no student parameter")
+        self.opt_student = torch.optim.AdamW(params, lr=cfg.lr_student, betas=cfg.betas_student,
+                                             weight_decay=cfg.weight_decay_student)
+        self.sched_student = torch.optim.lr_scheduler.LambdaLR(self.opt_student, self.sched_heads.lr_lambdas[0])
 
     # ------------------------------------------------------------------------------- global-batch draws
     def _rows(self, batch: int) -> slice:
