@@ -407,3 +407,36 @@ def test_lora_student_trains_only_the_adapter_and_resumes(tmp_path, capsys):
             "added_cond_kwargs": {"text_embeds": torch.randn(1, 16), "time_ids": torch.ones(1, 6)}}
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, 249, **cond).sample, trained(x, 249, **cond).sample)
+
+
+def test_patch_unet_keeps_a_lora_students_output():
+    """patch_unet on a LoRA-wrapped student (what --lora-rank trains): the same output as unpatched, adapter included
+    (the projections stay peft's LoRA layers). Checked on the ops' eager backend; the Triton / CUDA kernels of the
+    patched modules are not run here."""
+    pytest.importorskip("peft")
+    from diffusers import UNet2DConditionModel
+
+    from nitrokernels.patch import patch_unet
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET).eval()
+    distill_cli.add_lora(unet, {"rank": 4, "alpha": 4.0, "targets": list(distill_cli.LORA_TARGETS)})
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    x = torch.randn(1, 4, 16, 16)
+    cond = {"encoder_hidden_states": torch.randn(1, 8, 64),
+            "added_cond_kwargs": {"text_embeds": torch.randn(1, 16), "time_ids": torch.ones(1, 6)}}
+    from nitrokernels.ops.dispatch import use_backend
+
+    with torch.no_grad(), use_backend("eager"):   # the fused modules' eager path (Triton's interpreter is slow)
+        ref = unet(x, 249, **cond).sample
+        handle = patch_unet(unet)
+        out = unet(x, 249, **cond).sample
+        unet.disable_adapters()
+        base = unet(x, 249, **cond).sample
+        handle.revert()
+    assert any(status == "patched" for _, kind, status in handle.report if kind == "attention")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (base - ref).abs().max() > 1e-3      # the adapter does change the output, and the patched UNet kept it
