@@ -440,3 +440,19 @@ def test_patch_unet_keeps_a_lora_students_output():
     assert any(status == "patched" for _, kind, status in handle.report if kind == "attention")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert (base - ref).abs().max() > 1e-3      # the adapter does change the output, and the patched UNet kept it
+
+
+def test_dry_run_with_lora_counts_only_the_adapter_as_trained(capsys, monkeypatch):
+    pytest.importorskip("peft")
+    _no_training(monkeypatch)
+    full = distill_cli.memory_estimate(_resolve("--preset", "digits", "--dry-run"), [1])
+    spec = _resolve("--preset", "digits", "--dry-run", "--lora-rank", 2)
+    lora = distill_cli.memory_estimate(spec, [1])
+    n, a = full["student_params"], lora["lora_params"]
+    assert 0 < a < n / 10
+    f, m = full["per_gpu"][1]["ddp"], lora["per_gpu"][1]["ddp"]
+    assert m["params"] - f["params"] == 4 * a                 # the base weights stay, the adapter is added
+    assert f["grads"] - m["grads"] == pytest.approx(4 * (n - a))          # gradients of the adapter only
+    assert f["optimizer"] - m["optimizer"] == pytest.approx(8 * (n - a))  # and its AdamW moments
+    assert run_cli("--preset", "digits", "--dry-run", "--lora-rank", 2, "--world-size", 2) == 0
+    assert "LoRA rank 2:" in capsys.readouterr().out

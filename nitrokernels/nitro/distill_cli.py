@@ -774,17 +774,24 @@ def memory_estimate(spec: RunSpec, world_sizes) -> dict:
     selection = disc.sample(device="meta")
     disc_act = _saved_bytes(lambda: disc.g_loss(x, cond, cond, selection=selection), params)
 
+    n_train = n_student  # trained student parameters: all of them, or the LoRA adapter's
+    n_lora = 0
+    if spec.lora:
+        with torch.device("meta"):
+            add_lora(student, spec.lora)
+        n_lora = sum(p.numel() for n, p in student.named_parameters() if is_lora_parameter(n))
+        n_train = n_lora
     f32 = 4
     rows_out = {}
     for w in world_sizes:
         entry = {}
         for mode in ("ddp", "fsdp"):
             shard = w if mode == "fsdp" else 1
-            p = n_student * f32 / shard + n_teacher * teacher_dtype.itemsize + n_heads * head_bytes
+            p = (n_student + n_lora) * f32 / shard + n_teacher * teacher_dtype.itemsize + n_heads * head_bytes
             if config.ema_decay is not None:
-                p += n_student * f32 / shard
-            g = n_student * f32 / shard + sampled_fraction * n_heads * head_bytes
-            o = 2 * n_student * f32 / shard + 2 * n_heads * f32 + rows * f32
+                p += (n_student + n_lora) * f32 / shard
+            g = n_train * f32 / shard + sampled_fraction * n_heads * head_bytes
+            o = 2 * n_train * f32 / shard + 2 * n_heads * f32 + rows * f32
             a = student_act + disc_act
             entry[mode] = {"params": p, "grads": g, "optimizer": o, "activations": a, "total": p + g + o + a}
         rows_out[w] = entry
@@ -792,7 +799,7 @@ def memory_estimate(spec: RunSpec, world_sizes) -> dict:
             "heads": disc.num_heads, "heads_per_iteration": disc.heads_per_iteration,
             "activations": {"student": student_act, "discriminator": disc_act}, "batch_size": b,
             "resolution": res, "mixed_precision": config.mixed_precision, "teacher_dtype": str(teacher_dtype),
-            "per_gpu": rows_out}
+            "lora": spec.lora, "lora_params": n_lora, "per_gpu": rows_out}
 
 
 def format_memory(est: dict) -> str:
@@ -800,7 +807,9 @@ def format_memory(est: dict) -> str:
     lines = [f"student {est['student_params'] / 1e6:.1f}M params (trained, fp32 master weights), teacher "
              f"{est['teacher_params'] / 1e6:.1f}M ({est['teacher_dtype']}, frozen; also the discriminator's "
              f"backbone), heads {est['head_params'] / 1e6:.1f}M in {est['heads']} heads, {est['heads_per_iteration']} "
-             f"sampled per iteration",
+             f"sampled per iteration"
+             + (f"; LoRA rank {est['lora']['rank']}: {est['lora_params'] / 1e6:.2f}M trained adapter parameters "
+                f"(the student's own weights frozen)" if est.get("lora") else ""),
              f"batch {est['batch_size']} per GPU at latent {est['resolution']}x{est['resolution']}, mixed precision "
              f"{est['mixed_precision']}; activations of the generator phase: student "
              f"{est['activations']['student'] / gib:.2f} GiB + discriminator (backbone + heads on the student's "
