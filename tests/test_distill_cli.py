@@ -456,3 +456,58 @@ def test_dry_run_with_lora_counts_only_the_adapter_as_trained(capsys, monkeypatc
     assert f["optimizer"] - m["optimizer"] == pytest.approx(8 * (n - a))  # and its AdamW moments
     assert run_cli("--preset", "digits", "--dry-run", "--lora-rank", 2, "--world-size", 2) == 0
     assert "LoRA rank 2:" in capsys.readouterr().out
+
+
+def make_tiny_sd(folder, seed=0):
+    """An SD1.5-shaped pipeline folder: one CLIP text encoder (last hidden state), a UNet without added
+    conditioning, and a tiny VAE (factor 2) that decodes the sample grids."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = str(folder)
+    torch.manual_seed(seed)
+    UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                         attention_head_dim=4, norm_num_groups=8).save_pretrained(os.path.join(folder, "unet"))
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  sample_size=32).save_pretrained(os.path.join(folder, "vae"))
+    DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                  set_alpha_to_one=False).save_pretrained(os.path.join(folder, "scheduler"))
+    vocab = _tiny_tokenizer(os.path.join(folder, "tokenizer"), 8)
+    CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                                 pad_token_id=1)).save_pretrained(os.path.join(folder, "text_encoder"))
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                   "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"],
+                   "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]},
+                  f)
+    return folder
+
+
+def test_tiny_sd15_pipeline_folder_with_vae_grids(tmp_path, capsys):
+    from PIL import Image
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe = make_tiny_sd(tmp_path / "pipe")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    out = tmp_path / "run"
+    code = run_cli("--teacher", pipe, "--prompts", prompts, "--out", out, "--steps", 1, "--batch-size", 1,
+                   "--teacher-steps", 1, "--train-steps", 1, "--no-progress", "--sample-count", 2,
+                   "--discriminator", json.dumps(FAST_DISC))
+    assert code == 0, capsys.readouterr().err
+    with safe_open(str(out / distill_cli.EMBED_CACHE), "pt") as f:
+        keys = set(f.keys())
+        ehs = f.get_tensor("cond.encoder_hidden_states")
+    assert keys == {"cond.encoder_hidden_states", "uncond.encoder_hidden_states"}   # no added_cond_kwargs for SD
+    tok = CLIPTokenizer.from_pretrained(os.path.join(pipe, "tokenizer"))
+    enc = CLIPTextModel.from_pretrained(os.path.join(pipe, "text_encoder"))
+    with torch.no_grad():
+        ref = enc(tok(["a dog"], padding="max_length", max_length=8, return_tensors="pt").input_ids).last_hidden_state
+    torch.testing.assert_close(ehs[1:2], ref)
+    grid = Image.open(out / "samples_000001.png")
+    assert grid.mode == "RGB" and grid.size == ((2 * (32 + 1) + 1) * 4, (32 + 1 + 1) * 4)   # VAE-decoded 32x32
