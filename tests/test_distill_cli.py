@@ -142,7 +142,8 @@ def test_every_distill_config_field_has_a_flag():
 
 # ------------------------------------------------------------------------------------------ bad inputs
 @pytest.mark.parametrize("case", ["no_teacher", "bad_config_field", "bad_value", "bad_disc", "preset_and_teacher",
-                                  "bad_toml", "bad_jsonl", "safetensors_no_config", "no_out", "value_from_file"])
+                                  "bad_toml", "bad_jsonl", "safetensors_no_config", "no_out", "value_from_file",
+                                  "disc_value", "student_mismatch", "bad_unet_config"])
 def test_bad_input_names_the_file_or_field(tmp_path, capsys, monkeypatch, case):
     _no_training(monkeypatch)
     out = ["--out", tmp_path / "run"]
@@ -167,6 +168,25 @@ def test_bad_input_names_the_file_or_field(tmp_path, capsys, monkeypatch, case):
     elif case == "safetensors_no_config":
         (tmp_path / "u.safetensors").write_bytes(b"")
         argv, expect = ["--teacher", tmp_path / "u.safetensors", "--prompts", "p.txt", *out], "needs --unet-config"
+    elif case == "disc_value":
+        (tmp_path / "c.toml").write_text("preset = 'digits'\n[discriminator]\nheads_sampled = 9\n")
+        argv, expect = ["--config", tmp_path / "c.toml", *out], "heads_sampled"
+    elif case == "student_mismatch":
+        pipe = make_tiny_sdxl(tmp_path / "pipe")
+        other = tmp_path / "other"
+        other.mkdir()
+        cfg = json.load(open(os.path.join(pipe, "unet", "config.json")))
+        (other / "config.json").write_text(json.dumps({**cfg, "in_channels": 3}))
+        (other / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+        (tmp_path / "p.txt").write_text("a cat\n")
+        argv, expect = ["--teacher", pipe, "--student", other, "--prompts", tmp_path / "p.txt", *out], \
+            "in_channels=3 but the teacher's"
+    elif case == "bad_unet_config":
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
+                                                     "down_block_types": ["NoSuchBlock2D"]}))
+        argv, expect = ["--teacher", bad, "--dry-run"], "not a UNet2DConditionModel config"
     elif case == "no_out":
         argv, expect = ["--preset", "digits"], "--out DIR is required"
     else:
@@ -351,7 +371,8 @@ def test_teacher_samplers_from_the_pipeline_schedule(tmp_path, sampler):
     """--teacher-sampler: the saved scheduler or DDIM/Euler/DPM/LCM built from its noise schedule, each usable for
     a 4-step teacher run (set_timesteps + step)."""
     pipe = make_tiny_sdxl(tmp_path / "pipe")
-    spec = _resolve("--teacher", pipe, "--dry-run", "--teacher-sampler", sampler)
+    spec = _resolve("--teacher", pipe, "--dry-run", "--teacher-sampler", sampler, "--discriminator",
+                    json.dumps(FAST_DISC))
     sched = distill_cli.make_teacher_scheduler(spec)
     assert sched.config.beta_schedule == "scaled_linear" and sched.config.beta_end == 0.012
     sched.set_timesteps(4)

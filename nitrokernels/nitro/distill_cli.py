@@ -338,8 +338,10 @@ def resolve(args) -> RunSpec:
                              f"choose a new folder")
         if resume and not os.path.exists(ckpt):
             raise UsageError(f"--resume: no checkpoint to continue at {ckpt}")
-    return RunSpec(preset, teacher, student, pipeline, prompts, sampler, teacher_dtype, out, resume,
+    spec = RunSpec(preset, teacher, student, pipeline, prompts, sampler, teacher_dtype, out, resume,
                    dataclasses.asdict(config), sources, lora)
+    check_models_on_meta(spec)
+    return spec
 
 
 def _cuda() -> bool:
@@ -500,19 +502,35 @@ def _torch_dtype(name: str, mixed_precision: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def build_unet(src: UNetSource, device="meta"):
-    """The UNet of `src` from its config: on the meta device (no weights) or loaded (load_unet_weights)."""
+def _unet_config(src: UNetSource) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    if os.path.basename(src.config_file) == "config.json":
+        return UNet2DConditionModel.load_config(os.path.dirname(src.config_file))
+    return _read_json(src.config_file, "UNet config")
+
+
+def meta_unet(src: UNetSource):
+    """The UNet of `src` built from its config on the meta device (no weights read, nothing allocated);
+    UsageError naming the config file when diffusers cannot build it."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(os.path.dirname(src.config_file)) \
-        if os.path.basename(src.config_file) == "config.json" else _read_json(src.config_file, "UNet config")
-    if device == "meta":
+    try:
         with torch.device("meta"):
-            return UNet2DConditionModel.from_config(config)
+            return UNet2DConditionModel.from_config(_unet_config(src))
+    except Exception as err:
+        raise UsageError(f"{src.config_file}: not a UNet2DConditionModel config diffusers can build "
+                         f"({type(err).__name__}: {err})") from None
+
+
+def build_unet(src: UNetSource):
+    """The UNet of `src` with its weights (load_unet_weights: every key and shape checked)."""
+    from diffusers import UNet2DConditionModel
+
     from nitrokernels.nitro.distiller import load_unet_weights
 
-    unet = UNet2DConditionModel.from_config(config)
+    unet = UNet2DConditionModel.from_config(_unet_config(src))
     return load_unet_weights(unet, src.weights)
 
 
@@ -675,7 +693,27 @@ def _meta_models(spec: RunSpec, config):
             teacher = UNet2DConditionModel.from_config(digits.DIGITS_UNET_CONFIG)
             student = UNet2DConditionModel.from_config(digits.DIGITS_UNET_CONFIG)
         return teacher, student
-    return build_unet(spec.teacher), build_unet(spec.student or spec.teacher)
+    return meta_unet(spec.teacher), meta_unet(spec.student or spec.teacher)
+
+
+def check_models_on_meta(spec: RunSpec) -> None:
+    """What NitroDistiller and DynamicDiscriminator would refuse after loading, checked on meta-device models built
+    from the configs: the student must take the teacher's inputs, the discriminator kwargs must fit the teacher."""
+    import torch
+
+    from nitrokernels.nitro.discriminator import DynamicDiscriminator
+
+    teacher, student = _meta_models(spec, None)
+    for key in ("in_channels", "out_channels", "sample_size", "cross_attention_dim", "addition_embed_type"):
+        t, s = getattr(teacher.config, key, None), getattr(student.config, key, None)
+        if t != s:
+            raise UsageError(f"--student {spec.student.config_file}: {key}={s!r} but the teacher's "
+                             f"({spec.teacher.config_file}) is {t!r}; the student must take the teacher's inputs")
+    try:
+        with torch.device("meta"):
+            DynamicDiscriminator(teacher, **spec.fields["discriminator"])
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"discriminator{_value_source('discriminator', spec.sources)}: {err}") from None
 
 
 class _FlashAttention:
@@ -892,8 +930,8 @@ def train(spec: RunSpec, args) -> int:
         info = "digits preset: labels 0-9"
     else:
         dtype = _torch_dtype(spec.teacher_dtype, config.mixed_precision)
-        teacher = build_unet(spec.teacher, device="cpu")
-        student = build_unet(spec.student, device="cpu") if spec.student else copy.deepcopy(teacher)  # fp32
+        teacher = build_unet(spec.teacher)
+        student = build_unet(spec.student) if spec.student else copy.deepcopy(teacher)  # fp32
         teacher.to(device=device)
         if dtype != torch.float32:
             teacher.to(dtype=dtype)
