@@ -207,6 +207,7 @@ class RunSpec:
     fields: dict
     sources: dict
     lora: dict | None = None
+    run: dict | None = None       # the run-level settings as given (written to <out>/config.json)
 
 
 def _value_source(name, sources):
@@ -220,13 +221,26 @@ def resolve(args) -> RunSpec:
 
     file_cfg = _read_config_file(args.config) if args.config else {}
     sources = {k: args.config for k in file_cfg}
+    # --resume: the run's own <out>/config.json is the layer under the file and the flags (no need to repeat them)
+    saved_run, saved_distill, saved_path = {}, {}, None
+    out_dir = args.out or file_cfg.get("out")
+    if args.resume and out_dir and os.path.isfile(os.path.join(out_dir, "config.json")):
+        saved_path = os.path.join(out_dir, "config.json")
+        saved = _read_json(saved_path, "--resume: the run's configuration")
+        saved_run = saved.get("run") if isinstance(saved.get("run"), dict) else {}
+        saved_distill = saved.get("distill") if isinstance(saved.get("distill"), dict) else {}
 
     def pick(name, default=None):
         value = getattr(args, name, None)
         if value is not None and value is not False:
             sources[name] = "--" + name.replace("_", "-")
             return value
-        return file_cfg.get(name, default)
+        if name in file_cfg:
+            return file_cfg[name]
+        if saved_run.get(name) is not None:
+            sources[name] = saved_path
+            return saved_run[name]
+        return default
 
     preset = pick("preset")
     if preset is not None and preset not in PRESETS:
@@ -273,13 +287,16 @@ def resolve(args) -> RunSpec:
         if prompts:
             read_prompts(prompts)  # checked now: a bad line fails before any model is loaded
 
-    # DistillConfig: DistillConfig defaults < preset < file < flags
+    # DistillConfig: DistillConfig defaults < preset < the resumed run's config.json < file < flags
     base = {}
     if preset == "digits":
         from nitrokernels.nitro import demo
 
         device = vars(args).get("device") or file_cfg.get("device") or ("cuda" if _cuda() else "cpu")
-        base = dataclasses.asdict(demo.demo_config(demo.DEFAULT["steps"], demo.DEFAULT["batch_size"], 0, None,
+        steps = vars(args).get("steps", file_cfg.get("steps", saved_distill.get("steps", demo.DEFAULT["steps"])))
+        # the demo's settings for this many iterations (some of them, e.g. a warm-up share, scale with it)
+        base = dataclasses.asdict(demo.demo_config(steps if isinstance(steps, int) and steps >= 0 else
+                                                   demo.DEFAULT["steps"], demo.DEFAULT["batch_size"], 0, None,
                                                    str(device)))
         base["device"] = None
     fields = {}
@@ -291,9 +308,13 @@ def resolve(args) -> RunSpec:
             fields[f.name] = getattr(args, f.name)
         elif f.name in file_cfg:
             fields[f.name] = file_cfg[f.name]
+        elif f.name in saved_distill and f.name != "discriminator":
+            fields[f.name] = saved_distill[f.name]
+            sources[f.name] = saved_path
         elif f.name in base:
             fields[f.name] = base[f.name]
     disc = dict(base.get("discriminator", {}))
+    disc.update(saved_distill.get("discriminator", {}) if isinstance(saved_distill.get("discriminator"), dict) else {})
     disc.update(file_cfg.get("discriminator", {}))
     if args.discriminator is not None:
         if not isinstance(args.discriminator, dict):
@@ -338,8 +359,12 @@ def resolve(args) -> RunSpec:
                              f"choose a new folder")
         if resume and not os.path.exists(ckpt):
             raise UsageError(f"--resume: no checkpoint to continue at {ckpt}")
+    run = {"preset": preset, "teacher": teacher_path, "student": student_path, "pipeline": pipeline,
+           "unet_config": unet_config, "prompts": prompts, "teacher_sampler": sampler, "teacher_dtype": teacher_dtype,
+           "lora_rank": lora and lora["rank"], "lora_alpha": lora and lora["alpha"],
+           "lora_targets": lora and lora["targets"]}
     spec = RunSpec(preset, teacher, student, pipeline, prompts, sampler, teacher_dtype, out, resume,
-                   dataclasses.asdict(config), sources, lora)
+                   dataclasses.asdict(config), sources, lora, run)
     check_models_on_meta(spec)
     return spec
 
@@ -912,10 +937,8 @@ def train(spec: RunSpec, args) -> int:
     if ctx.is_main:
         os.makedirs(spec.out, exist_ok=True)
         _write_json(os.path.join(spec.out, "config.json"),
-                    {"distill": config.fingerprint() | {"steps": config.steps}, "preset": spec.preset,
-                     "teacher": spec.teacher and spec.teacher.path, "student": spec.student and spec.student.path,
-                     "pipeline": spec.pipeline, "prompts": spec.prompts, "teacher_sampler": spec.sampler,
-                     "teacher_dtype": spec.teacher_dtype, "world_size": ctx.world_size, "lora": spec.lora})
+                    {"run": spec.run, "distill": config.fingerprint() | {"steps": config.steps},
+                     "world_size": ctx.world_size})
     ctx.barrier()
     torch.manual_seed(config.seed)
     decode = None
@@ -959,7 +982,12 @@ def train(spec: RunSpec, args) -> int:
         print(f"nitrokernels distill: {err}", file=sys.stderr)
         return 2
     if ctx.is_main:
-        save_loss_png(os.path.join(spec.out, "loss.png"), history) if any("d_loss" in r for r in history) else None
+        if history:
+            try:
+                save_loss_png(os.path.join(spec.out, "loss.png"), history)
+            except Exception as err:  # a plot must not fail a finished run
+                print(f"nitrokernels distill: warning: loss.png not written ({type(err).__name__}: {err})",
+                      file=sys.stderr)
         if spec.lora:
             student.save_lora_adapter(os.path.join(spec.out, "student_lora"))
             _write_json(os.path.join(spec.out, "student_lora", "lora_config.json"), spec.lora)

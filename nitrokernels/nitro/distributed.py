@@ -14,6 +14,8 @@ What is shared, what is per rank (DistributedNitroDistiller):
   * the student is data-parallel: its grad-enabled forwards go through torch's DistributedDataParallel (which
     all-reduces the gradients in buckets during backward; gradient_as_bucket_view, so no second copy of the
     gradients; find_unused_parameters=True because a UNet config can hold parameters a forward does not use);
+    with grad_accum micro-batches only the last backward all-reduces (DDP's no_sync for the others), checked
+    before every student optimiser step;
   * the heads' gradients are sparse COO tensors of the sampled rows only: before each heads optimiser step their
     coalesced values (all sampled rows of all pools) are averaged in ONE all-reduce of one flat buffer per dtype;
     the pool never goes dense on the wire (`heads_allreduce_numel` records what was sent);
@@ -179,7 +181,9 @@ class DistributedNitroDistiller(NitroDistiller):
                                                 find_unused_parameters=find_unused_parameters,
                                                 gradient_as_bucket_view=True, **sync)  # no 2nd gradient copy
             self.opt_heads.register_step_pre_hook(self._sync_heads)
+            self.opt_student.register_step_pre_hook(self._check_student_synced)
             self.disc.renoise = self._renoise
+        self._grad_forwards = 0
 
     def _train_only(self, trainable) -> None:
         """Train only the student parameters whose name satisfies `trainable(name)` (e.g. LoRA adapters): the
@@ -242,7 +246,12 @@ class DistributedNitroDistiller(NitroDistiller):
     # ------------------------------------------------------------------------------------ gradients
     def student_denoise(self, x, cond, steps, index, model=None):
         if model is None and self._ddp is not None and torch.is_grad_enabled():
-            model = self._ddp  # grad-enabled forwards: DDP all-reduces the student's gradients in backward
+            # grad-enabled forwards go through DDP; of the grad_accum micro-batches of one student step only the
+            # last one's backward all-reduces (the others accumulate locally, as DDP's no_sync does)
+            model = self._ddp
+            accum = self.config.grad_accum
+            model.require_backward_grad_sync = self._grad_forwards % accum == accum - 1
+            self._grad_forwards += 1
         return super().student_denoise(x, cond, steps, index, model)
 
     def _sync_heads(self, optimizer, args, kwargs):
@@ -250,7 +259,17 @@ class DistributedNitroDistiller(NitroDistiller):
                                     check_indices=self.check_indices)
         self.heads_allreduce_numel.append(n)
 
+    def _check_student_synced(self, optimizer, args, kwargs):
+        """Before the student's AdamW step: its gradients were all-reduced (a multiple of grad_accum grad-enabled
+        forwards, the last one synchronised); anything else would let the ranks' students drift apart."""
+        if self._grad_forwards % self.config.grad_accum != 0 or not self._ddp.require_backward_grad_sync:
+            raise RuntimeError(f"DistributedNitroDistiller: {self._grad_forwards} grad-enabled student forwards "
+                               f"before its optimiser step, not a multiple of grad_accum={self.config.grad_accum}: "
+                               f"the last backward did not all-reduce the gradients")
+        self._grad_forwards = 0
+
     def train_step(self) -> dict:
+        self._grad_forwards = 0
         result = super().train_step()
         if self.ctx.distributed:
             keys = [k for k in ("d_loss", "g_loss", "regression_loss") if k in result]
