@@ -162,6 +162,50 @@ def test_gpu_grid_layout_under_interpreter(monkeypatch):
     _check_triton_vs_loop(make_pool(2, 4, 8, 16, 1, 4, 1), torch.tensor([1]), 4, 1, 4)
 
 
+@pytest.mark.parametrize("programs", [1, 2, 10 ** 6], ids=["one-program", "two-programs", "one-tile-each"])
+def test_persistent_programs_take_every_tile_once(poisoned, monkeypatch, programs):
+    """The GEMM kernels are persistent: a grid of `programs` walks the compacted tile list with its stride. One
+    program doing every tile, two interleaving, and one tile per program all give the loop's numbers (a skipped
+    or repeated tile leaves a poisoned or doubled output / gradient)."""
+    monkeypatch.setattr(head_kernels, "BLOCK_OVERRIDE", dict(SMALL_BLOCKS, dg_classes=1, wg_taps=1, programs=programs))
+    _check_triton_vs_loop(make_pool(2, 4, 8, 16, 2, 2, 2), torch.tensor([1, 0]), 4, 2, 4)
+
+
+def test_persistent_grid_is_the_resident_programs_of_the_compiled_kernel(monkeypatch):
+    """On a GPU the grid is SMs x the programs per SM that the compiled variant's registers, shared memory and
+    warps allow (recorded at its first launch, which has one program per tile), never more than the tiles."""
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
+                            shared_memory_per_multiprocessor=233472)
+    monkeypatch.setattr(head_kernels, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(head_kernels, "_RESIDENT", {})
+
+    def fake_kernel(name, warps, regs, shared):
+        grids = []
+
+        class Kernel:
+            __name__ = name
+
+            def __getitem__(self, grid):
+                grids.append(grid)
+                return lambda *a, **k: SimpleNamespace(n_regs=regs, metadata=SimpleNamespace(num_warps=warps,
+                                                                                             shared=shared))
+        return Kernel(), grids
+
+    big, big_grids = fake_kernel("layer1", 8, 254, 196608)    # 1 per SM (registers and shared memory)
+    small, small_grids = fake_kernel("deeper", 4, 128, 40960)  # 4 per SM (registers: 4 x 16384)
+    for _ in range(2):
+        head_kernels._persistent(big, 1000, "cuda", BM=128)
+        head_kernels._persistent(small, 1000, "cuda", BM=64)
+        head_kernels._persistent(small, 100, "cuda", BM=64)
+    assert big_grids == [(1000,), (132,)]
+    assert small_grids == [(1000,), (100,), (528,), (100,)]
+    head_kernels._persistent(small, 1000, "cuda", BM=32)       # another variant: measured anew
+    assert small_grids[-1] == (1000,)
+
+
 # (channels, size, hidden, depth, batch): K steps of 16 pixels carried across rows (16x16 -> 8x8 maps) and samples
 # (batch 2), channels a multiple of 16 but not of the data-gradient column block (48 vs 32: wrapped weight
 # columns); and carried across columns (64x64 -> 32x32 maps: 32-pixel rows, two K steps each).

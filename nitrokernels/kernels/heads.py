@@ -36,9 +36,10 @@ a program selects its level's pointers / sizes with a `tl.static_range` chain. N
 the device, so a fixed head count stays CUDA-graph capturable. Levels are ordered by depth (deepest first,
 stable): the heads taking part at depth d are then a PREFIX of that order, so per-depth buffers (GroupNorm
 partials, stats, affine, backward coefficients) are [H_d, ...] tensors indexed by the same "sorted head"
-index at every depth. The GEMM kernels run on a COMPACTED 1-D grid (_segments): one segment per level with
-exactly its heads x tiles programs, the segments with the longest tiles first, so no program is idle
-(bounding-box grids over all levels left up to 86% of them empty). The small element-wise / GroupNorm
+index at every depth. The GEMM kernels walk a COMPACTED tile list (_segments): one segment per level with
+exactly its heads x tiles tiles, the segments with the longest tiles first, so no tile is idle (bounding-box
+grids over all levels left up to 86% of them empty). They are PERSISTENT (_persistent): a grid of as many
+programs as the GPU holds at once (SMs x the compiled variant's programs per SM) strides over that list. The small element-wise / GroupNorm
 kernels keep per-level bounding boxes. Ints that depend on the head counts (head offsets, segment starts,
 counts) are passed _dyn-encoded, so no count mix recompiles a kernel (tests/heads_compile_count.py). Block
 sizes are per launch (cut to the largest level). Logits and final-layer gradients are in the caller's order.
@@ -120,12 +121,18 @@ def _pick_dyn(vals, lvl, L: tl.constexpr):
 
 @triton.jit
 def _segment(pid, segs, seg_lvl, L: tl.constexpr):
-    """(level, index within its segment) of program `pid` of a compacted 1-D grid: segment s owns programs
+    """(level, index within its segment) of tile `pid` of a compacted tile list: segment s owns tiles
     [segs[s], segs[s + 1]) and belongs to level seg_lvl[s] (both _dyn-encoded; see _segments)."""
     seg = pid * 0
     for s in tl.static_range(1, L):
         seg += (pid >= _dec(segs[s])).to(tl.int32)
     return _pick_dyn(seg_lvl, seg, L), pid - _pick_dyn(segs, seg, L)
+
+
+@triton.jit
+def _tiles(segs, L: tl.constexpr):
+    """Length of the compacted tile list (the entry after the L segment starts)."""
+    return _dec(segs[L])
 
 
 @triton.jit
@@ -167,7 +174,7 @@ def _w_strides(I, O):
 @triton.jit(do_not_specialize=["ids_ptr"])
 def _conv_fwd_kernel(
     xs, ws, biases, ys, hs, starts, roffs, pools, sizes, chans,   # per level: input, weights, bias, out, ints
-    segs, seg_lvl,                                     # the compacted grid (_segments)
+    segs, seg_lvl,                                     # the compacted tile list (_segments)
     ids_ptr,                                           # pool ids of all levels (caller order)
     part_ptr,                                          # out: [H, B, TT, O, 3] fp32 (count, tile mean, tile M2)
     B, O, TT,
@@ -175,8 +182,19 @@ def _conv_fwd_kernel(
     BKC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, C16: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    # compacted grid: per level (largest K first) its heads x samples x row tiles x column blocks, no idle program
-    lvl, local = _segment(tl.program_id(0), segs, seg_lvl, L)
+    for tile in range(tl.program_id(0), _tiles(segs, L), tl.num_programs(0)):   # persistent (see _persistent)
+        _conv_fwd_tile(tile, xs, ws, biases, ys, hs, starts, roffs, pools, sizes, chans, segs, seg_lvl, ids_ptr,
+                       part_ptr, B, O, TT, L, SHARED_X, BM, BN, BKC, PREC, UPCAST, C16, EVEN_K, EVEN_N)
+
+
+@triton.jit
+def _conv_fwd_tile(tile, xs, ws, biases, ys, hs, starts, roffs, pools, sizes, chans, segs, seg_lvl, ids_ptr,
+                   part_ptr, B, O, TT, L: tl.constexpr, SHARED_X: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, BKC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                   C16: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """Output tile `tile` of the list: per level (largest K first) its heads x samples x row tiles x column
+    blocks."""
+    lvl, local = _segment(tile, segs, seg_lvl, L)
     S_in = _pick(sizes, lvl, L)
     I = _channels(chans, lvl, L, C16)
     S_out = S_in // 2
@@ -560,11 +578,23 @@ def _conv_dgrad_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     C16: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, KT: tl.constexpr,
 ):
-    """dX of layer d. SHARED (d = 0): one segment of the compacted grid per level, the reduction runs over the
-    level's heads, out = the feature gradient (any strides). Otherwise per sorted head: out = dU_{d-1}
+    """dX of layer d. SHARED (d = 0): one segment of the compacted tile list per level, the reduction runs over
+    the level's heads, out = the feature gradient (channels-last). Otherwise per sorted head: out = dU_{d-1}
     [h, B, S, S, I] (GroupNorm + SiLU backward of layer d-1 fused), partials into [H, B, TT, I, 3] at tile
     cls * T + t. Within a segment: (head,) sample, parity-class group, row tile, column block."""
-    lvl, local = _segment(tl.program_id(0), segs, seg_lvl, L)
+    for tile in range(tl.program_id(0), _tiles(segs, L), tl.num_programs(0)):   # persistent (see _persistent)
+        _conv_dgrad_tile(tile, gys, ws, outs, yps, sizes, chans, counts, hs, starts, roffs, pools, segs, seg_lvl,
+                         aff_ptr, stats_ptr, part_ptr, ids_ptr, B, O, TT, G, CPG, L, SHARED, CLASSES, BM, BN, BKO,
+                         PREC, UPCAST, C16, EVEN_K, EVEN_N, KT)
+
+
+@triton.jit
+def _conv_dgrad_tile(tile, gys, ws, outs, yps, sizes, chans, counts, hs, starts, roffs, pools, segs, seg_lvl,
+                     aff_ptr, stats_ptr, part_ptr, ids_ptr, B, O, TT, G, CPG, L: tl.constexpr,
+                     SHARED: tl.constexpr, CLASSES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, C16: tl.constexpr,
+                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, KT: tl.constexpr):
+    lvl, local = _segment(tile, segs, seg_lvl, L)
     S_in = _pick(sizes, lvl, L)
     I = _channels(chans, lvl, L, C16)
     hc = (S_in + 1) // 2
@@ -645,7 +675,7 @@ def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools,
             row = tl.where(id_ok, prow, 0)
             nbad += (id_ok == 0).to(tl.int32)
             acc = _dgrad_step(gy_ptr + (hh * B + b).to(tl.int64) * npo * O, w_ptr + row * sw_p, it % KT, acc,
-                              ph, pw, a_off, w_off, taps_ok, ks, col_ok, S_out, O, sw_o, sw_kh, sw_kw,
+                              a_off, w_off, taps_ok, ks, col_ok, S_out, O, sw_o, sw_kh, sw_kw,
                               BKO, PREC, UPCAST, EVEN_K, WRAPPED)
     else:
         lh = sh - _pick_dyn(hs, lvl, L)
@@ -653,7 +683,7 @@ def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools,
         nbad = (id_ok == 0).to(tl.int32)
         gy_base = gy_ptr + (lh * B + b).to(tl.int64) * npo * O
         for kk in range(0, tl.cdiv(O, BKO) * 4):   # a runtime bound: a constexpr one (KT) is unrolled
-            acc = _dgrad_step(gy_base, w_ptr + row * sw_p, kk, acc, ph, pw, a_off, w_off, taps_ok, ks, col_ok, S_out,
+            acc = _dgrad_step(gy_base, w_ptr + row * sw_p, kk, acc, a_off, w_off, taps_ok, ks, col_ok, S_out,
                               O, sw_o, sw_kh, sw_kw, BKO, PREC, UPCAST, EVEN_K, WRAPPED)
     acc = tl.where(nbad == 0, acc, float("nan"))     # a head id out of range poisons the result
 
@@ -692,11 +722,12 @@ def _dgrad_class(gys, ws, outs, yps, counts, hs, starts, roffs, pools,
 
 
 @triton.jit
-def _dgrad_step(gy_base, w_base, kk, acc, ph, pw, a_off, w_off, taps_ok, ks, col_ok, S_out, O, sw_o, sw_kh, sw_kw,
+def _dgrad_step(gy_base, w_base, kk, acc, a_off, w_off, taps_ok, ks, col_ok, S_out, O, sw_o, sw_kh, sw_kw,
                 BKO: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
                 ALL_COLS: tl.constexpr):
-    """One K step of the data gradient: output-channel chunk kk // 4, tap j = kk % 4 of the pixel parity (ph, pw).
-    Only scalars are computed here; the per-element offsets and tap masks come from _dgrad_class."""
+    """One K step of the data gradient: output-channel chunk kk // 4, tap j = kk % 4 of the program's pixel parity.
+    Only scalars are computed here; the per-element offsets (the parity folded in) and tap masks come from
+    _dgrad_class."""
     j = kk % 4
     o0 = (kk // 4) * BKO
     jh = j // 2                             # kernel row 1 - ph + 2 jh, column 1 - pw + 2 jw (a_off / w_off
@@ -726,9 +757,19 @@ def _conv_wgrad_kernel(
 ):
     """dW[tap, c, o] = sum_{b, p} x[b, pix(p, tap), c] * dY[b, p, o]: the GEMM is [c, pixels] x [pixels, o], so
     the accumulator's fast dimension is o, the GEMM layout's contiguous one (vector stores)."""
-    # compacted grid: per level (largest maps first) its heads x tap groups x output-channel blocks x
-    # input-channel blocks (the level's own count), no idle program
-    lvl, local = _segment(tl.program_id(0), segs, seg_lvl, L)
+    for tile in range(tl.program_id(0), _tiles(segs, L), tl.num_programs(0)):   # persistent (see _persistent)
+        _conv_wgrad_tile(tile, gys, xs, gws, sizes, chans, hs, segs, seg_lvl, B, O, L, SHARED_X, TAPS, BM, BN, BK,
+                         PREC, UPCAST, C16, ALIGNED, EVEN_C, EVEN_O, EVEN_Q)
+
+
+@triton.jit
+def _conv_wgrad_tile(tile, gys, xs, gws, sizes, chans, hs, segs, seg_lvl, B, O, L: tl.constexpr,
+                     SHARED_X: tl.constexpr, TAPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, C16: tl.constexpr,
+                     ALIGNED: tl.constexpr, EVEN_C: tl.constexpr, EVEN_O: tl.constexpr, EVEN_Q: tl.constexpr):
+    """Tile `tile` of the list: per level (largest maps first) its heads x tap groups x output-channel blocks x
+    input-channel blocks (the level's own count)."""
+    lvl, local = _segment(tile, segs, seg_lvl, L)
     I = _channels(chans, lvl, L, C16)
     NC = tl.cdiv(I, BN)
     NO = tl.cdiv(O, BM)
@@ -831,11 +872,12 @@ def _wgrad_tap(gy_ptr, x_ptr, gw_ptr, B, S_in, I, O, lh, tap, os_, o_ok, cs, c_o
 # Tests set BLOCK_OVERRIDE to small values to exercise the multi-tile paths (stats combination, K loops).
 GPU_BLOCKS = dict(fwd_m=128, fwd_n=256, fwd_kc=64, fin_p=64, fin_c=64, dg_m=128, dg_n=128, dg_m_epi=64, dg_n_epi=128, dg_ko=128,
                   dg_classes=1, wg_m=256, wg_n=128, wg_k=64, wg_taps=1, ew_q=64, ew_c=128, gn_t=4)
+# "programs": the persistent grid under the interpreter (small, so that programs loop over several tiles)
 INTERPRETER_BLOCKS = dict(fwd_m=256, fwd_n=128, fwd_kc=64, fin_p=256, fin_c=128, dg_m=256, dg_n=128, dg_m_epi=256,
                           dg_n_epi=128,
                           dg_ko=64,
                           dg_classes=4, wg_m=128, wg_n=128, wg_k=1024, wg_taps=16, ew_q=1024, ew_c=128,
-                          gn_t=256)
+                          gn_t=256, programs=3)
 # fp32 dots run on FMA units (IEEE) with fp32 operands: smaller tiles keep them out of register spills.
 GPU_FP32_BLOCKS = dict(GPU_BLOCKS, fwd_m=64, fwd_n=64, fwd_kc=16, dg_m=64, dg_n=64, dg_m_epi=64, dg_n_epi=64, dg_ko=16,
                        wg_m=64, wg_n=64, wg_k=16)
@@ -965,16 +1007,57 @@ def _dyn(values) -> tuple:
 
 
 def _segments(programs, work) -> tuple[tuple, tuple, int]:
-    """A compacted 1-D grid over the levels of one launch (Triton's grouped-GEMM pattern without idle
-    bounding-box programs): one segment per level holding exactly its `programs[i]` programs, segments with
-    the most `work` per program first (the longest tiles start first, the short ones fill the tail).
-    Returns (segment starts, segment -> level position, both _dyn-encoded; total programs)."""
+    """A compacted tile list over the levels of one launch (Triton's grouped-GEMM pattern without idle
+    bounding-box tiles): one segment per level holding exactly its `programs[i]` tiles, segments with the most
+    `work` per tile first (the longest tiles start first, the short ones fill the tail).
+    Returns (segment starts followed by the list's length, segment -> level position, both _dyn-encoded;
+    number of tiles)."""
     order = sorted(range(len(programs)), key=lambda i: -work[i])
     starts, n = [], 0
     for i in order:
         starts.append(n)
         n += programs[i]
-    return _dyn(starts), _dyn(order), n
+    return _dyn(starts + [n]), _dyn(order), n
+
+
+# Resident programs per SM of each compiled GEMM kernel variant, from its registers / shared memory / warps
+# (filled by the first launch of the variant; _persistent).
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _variant(kernel, kwargs) -> tuple:
+    return (kernel.__name__,) + tuple(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)))
+
+
+def _resident_programs(compiled, device) -> int:
+    """How many programs of a compiled kernel fit on one SM at once: the fewest allowed by registers (allocated
+    per warp in units of 256), shared memory (1 KiB reserved per block) and warps (64 per SM)."""
+    props = torch.cuda.get_device_properties(device)
+    warps = int(compiled.metadata.num_warps)
+    regs = max(1, int(getattr(compiled, "n_regs", 0) or 255))
+    regs_per_sm = int(getattr(props, "regs_per_multiprocessor", 65536) or 65536)
+    smem_per_sm = int(getattr(props, "shared_memory_per_multiprocessor", 233472) or 233472)
+    by_regs = regs_per_sm // (warps * (-(-regs * 32 // 256) * 256))
+    by_smem = smem_per_sm // (int(compiled.metadata.shared) + 1024)
+    return max(1, min(by_regs, by_smem, 64 // warps, 32))
+
+
+def _persistent(kernel, tiles: int, device, *args, **kwargs) -> None:
+    """Launch a GEMM kernel over a compacted list of `tiles` tiles PERSISTENTLY: a grid of at most as many
+    programs as are resident on the GPU at once (SMs x programs per SM of this compiled variant), each walking
+    the list with a stride of the grid, so every tile is taken by a program already running (no second wave
+    of launches, the longest tiles first). The variant's first launch has one program per tile and records its
+    occupancy. Under TRITON_INTERPRET=1 the grid is cut to _cap("programs") so that the tests run the loop."""
+    key = _variant(kernel, kwargs)
+    if triton_interpreting():
+        grid = min(tiles, _cap("programs"))
+    elif key in _RESIDENT:
+        grid = min(tiles, _RESIDENT[key] * torch.cuda.get_device_properties(device).multi_processor_count)
+    else:
+        grid = tiles
+    compiled = kernel[(grid,)](*args, **kwargs)
+    if key not in _RESIDENT and not triton_interpreting() and hasattr(compiled, "metadata"):
+        _RESIDENT[key] = _resident_programs(compiled, device)
 
 
 def _contig(tensors, lv, d=None) -> tuple:
@@ -1050,8 +1133,8 @@ def levels_forward(features, conv_weights, conv_biases, norm_weights, norm_biase
         part = torch.empty((heads, batch, tiles, c_out, 3), dtype=torch.float32, device=device)
         segs, seg_lvl, nprog = _segments(
             [plan.counts[l] * batch * triton.cdiv(n, bm) * triton.cdiv(c_out, bn) for l, n in zip(lv, npix)], chans)
-        _conv_fwd_kernel[(nprog,)](
-            tuple(xs[l] for l in lv), _gemm_weights(conv_weights, d, lv), _contig(conv_biases, lv, d),
+        _persistent(
+            _conv_fwd_kernel, nprog, device, tuple(xs[l] for l in lv), _gemm_weights(conv_weights, d, lv), _contig(conv_biases, lv, d),
             tuple(ys[l][d] for l in lv), *plan.meta(lv), sizes, chans, segs, seg_lvl, ids, part,
             batch, c_out, tiles,
             L=len(lv), SHARED_X=d == 0, BM=bm, BN=bn, BKC=bkc, PREC=prec, UPCAST=upcast,
@@ -1188,8 +1271,8 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
                 [s * s for s in sizes])
             for l in lv:
                 g_w[l][d] = torch.empty((plan.counts[l], 4, 4, plan.chans[l][d], co), dtype=dtype, device=device)
-            _conv_wgrad_kernel[(nprog,)](
-                gy, xs, tuple(g_w[l][d] for l in lv), sizes, chans, meta[0], segs, seg_lvl, batch, co,
+            _persistent(
+                _conv_wgrad_kernel, nprog, device, gy, xs, tuple(g_w[l][d] for l in lv), sizes, chans, meta[0], segs, seg_lvl, batch, co,
                 L=len(lv), SHARED_X=d == 0, TAPS=taps, BM=bm, BN=bn, BK=bk, PREC=prec, UPCAST=upcast,
                 C16=_c16(chans), ALIGNED=all(_k_steps_aligned(bk, s // 2) for s in sizes),
                 EVEN_C=all(c % bn == 0 for c in chans), EVEN_O=co % bm == 0,
@@ -1204,8 +1287,8 @@ def levels_backward(grad_out, features, conv_weights, conv_biases, norm_weights,
         segs, seg_lvl, nprog = _segments(
             [plan.counts[l] * batch * (4 // classes) * triton.cdiv(((s + 1) // 2) ** 2, bm) * triton.cdiv(c, bn)
              for l, s, c in zip(lv, sizes, chans)], [0] * len(lv))
-        _conv_dgrad_kernel[(nprog,)](
-            gy, _gemm_weights(conv_weights, d, lv), tuple(gus[(l, d - 1)] for l in lv),
+        _persistent(
+            _conv_dgrad_kernel, nprog, device, gy, _gemm_weights(conv_weights, d, lv), tuple(gus[(l, d - 1)] for l in lv),
             tuple(ys[l][d - 1] for l in lv), sizes, chans, _dyn(plan.counts[l] for l in lv), *meta,
             segs, seg_lvl, affine[d - 1], stats[d - 1], parts[d - 1], ids,
             batch, co, part_tiles[d - 1], groups, chans[0] // groups,
@@ -1234,8 +1317,8 @@ def _feature_grads(plan, conv_weights, gus, features, need, g_features, c_out, p
     segs, seg_lvl, nprog = _segments(
         [batch * (4 // classes) * triton.cdiv(((s + 1) // 2) ** 2, bm) * triton.cdiv(c, bn) for s, c in zip(sizes, chans)],
         [plan.counts[l] for l in lv])
-    _conv_dgrad_kernel[(nprog,)](
-        tuple(gus[(l, 0)] for l in lv), _gemm_weights(conv_weights, 0, lv), outs, outs,
+    _persistent(
+        _conv_dgrad_kernel, nprog, outs[0].device, tuple(gus[(l, 0)] for l in lv), _gemm_weights(conv_weights, 0, lv), outs, outs,
         sizes, chans, _dyn(plan.counts[l] for l in lv), *plan.meta(lv),
         segs, seg_lvl, plan.ids, plan.ids, plan.ids, plan.ids, batch, c_out, 1, 1, 1,
         L=len(lv), SHARED=True, CLASSES=classes, BM=bm, BN=bn, BKO=bko, PREC=prec,
