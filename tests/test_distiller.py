@@ -363,6 +363,141 @@ def test_loss_curves_match_across_head_backends():
                                    rtol=2e-2, atol=2e-2)
 
 
+# ---------------------------------------------------------------------------------- regression warm-up
+def _held_out_mse(d, n=8):
+    """Mean squared error of the student's one-step x̂0 against the teacher's x0 on fixed noise and prompts."""
+    gen = torch.Generator().manual_seed(99)
+    noise = torch.randn(n, 1, 16, 16, generator=gen).to(DEVICE)
+    cond, uncond = d.prompts.take(torch.arange(n) % 10, DEVICE)
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(d.student_x0(noise, cond), d.teacher_x0(noise, cond, uncond)).item()
+
+
+def test_regression_warmup_fits_the_one_step_student_to_the_teacher_and_leaves_the_heads_alone():
+    d = make(steps=60, regression_steps=60, lr_student=1e-2, grad_clip=None, batch_size=4, train_steps=(1,))
+    heads_before = copy.deepcopy(d.disc.heads_state_dict())
+    before = _held_out_mse(d)
+    history = d.train()
+    after = _held_out_mse(d)
+    assert after < 0.5 * before, f"the warm-up must fit the teacher: held-out mse {before:.4f} -> {after:.4f}"
+    assert all("regression_loss" in r and "d_loss" not in r for r in history)
+    assert {t for r in history for t in r["student_t"]} == {d.student_t}   # only the (paired) first step
+    for k, v in heads_before.items():                                        # heads, their ages: untouched
+        assert torch.equal(v, d.disc.heads_state_dict()[k]), k
+    assert not d.opt_heads.state or all(not s for s in d.opt_heads.state.values())
+
+
+def test_regression_loss_is_the_paired_mse_and_the_adversarial_phase_follows(monkeypatch):
+    """Each warm-up step reports the mse of the student's x̂0 against the teacher's solution from the SAME input:
+    from the noise for a first step, continued from the student's re-noised input at its LCM timestep for a
+    later one."""
+    d = make(steps=7, regression_steps=6, train_steps=(1, 2))
+    seen = []
+    real_step = d._regression_step
+    orig_teacher, orig_student = d.teacher_x0, d.student_denoise
+
+    def checked():
+        calls = {}
+
+        def teacher(x, cond, uncond, start_t=None):
+            calls["teacher_input"], calls["start_t"] = x, start_t
+            return calls.setdefault("real", orig_teacher(x, cond, uncond, start_t=start_t))
+
+        def student(x, cond, steps, index, model=None):   # the last call is the trained one (the first ones
+            calls["student_input"], calls["step"] = x, (steps, index)          # simulate its input)
+            calls["fake"] = orig_student(x, cond, steps, index, model)
+            return calls["fake"]
+
+        monkeypatch.setattr(d, "teacher_x0", teacher)
+        monkeypatch.setattr(d, "student_denoise", student)
+        out = real_step()
+        monkeypatch.setattr(d, "teacher_x0", orig_teacher)
+        monkeypatch.setattr(d, "student_denoise", orig_student)
+        first = calls["step"][1] == 0
+        assert calls["start_t"] == (None if first else 499), calls
+        assert first or calls["teacher_input"] is calls["student_input"]   # the same (re-noised) input
+        seen.append((calls["step"], ((calls["fake"] - calls["real"]) ** 2).mean().item()))
+        return out
+
+    monkeypatch.setattr(d, "_regression_step", checked)
+    history = d.train()
+    assert [("regression_loss" in r, "d_loss" in r) for r in history] == [(True, False)] * 6 + [(False, True)]
+    assert [r["regression_loss"] for r in history[:6]] == pytest.approx([mse for _, mse in seen], rel=1e-5)
+    assert {step for step, _ in seen} == {(1, 0), (2, 0), (2, 1)}, "seed 0 draws every step of (1, 2) in 6 tries"
+
+
+def test_teacher_continued_from_its_own_intermediate_latent_is_its_full_sample():
+    """teacher_x0(start_t=t) continues the teacher's sampler: from the sampler's own latent at t it reproduces
+    the full sample (the paired target of a later student step is the teacher's solution from that input)."""
+    d = make(teacher_steps=4)
+    noise = torch.randn(3, 1, 16, 16, device=DEVICE)
+    cond, uncond = d.prompts.take(torch.tensor([4, 5, 6]), DEVICE)
+    full = d.teacher_x0(noise, cond, uncond)
+    sched = d.teacher_scheduler
+    sched.set_timesteps(4)
+    x = noise
+    with torch.no_grad():
+        for t in sched.timesteps[:2]:                  # 999, 749 -> the latent at 499
+            x = sched.step(d.teacher(x, t, **cond).sample, t, x).prev_sample
+    torch.testing.assert_close(d.teacher_x0(x, cond, uncond, start_t=499), full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(d.teacher_x0(x, cond, uncond, start_t=249), full, atol=1e-3)
+
+
+def test_warmup_of_later_steps_needs_the_teacher_sampler_at_the_students_timesteps():
+    with pytest.raises(ValueError, match=r"teacher_steps=2.*missing \[249, 749\]"):
+        make(regression_steps=2, train_steps=(1, 4), teacher_steps=2)
+    make(regression_steps=2, train_steps=(1, 4), teacher_steps=4)       # 999, 749, 499, 249: fine
+    make(regression_steps=2, train_steps=(1,), teacher_steps=2)         # the first step needs nothing
+    make(regression_steps=0, train_steps=(1, 4), teacher_steps=2)       # no warm-up: nothing to check
+
+
+def test_regression_lr_is_the_warmup_rate_and_lr_student_the_adversarial_one(monkeypatch):
+    d = make(steps=4, regression_steps=2, lr_student=1e-3, regression_lr=5e-2, warmup_steps=2, train_steps=(1, 2))
+    used = []
+    step = d.opt_student.step
+    monkeypatch.setattr(d.opt_student, "step", lambda *a, **k: (used.append(d.opt_student.param_groups[0]["lr"]),
+                                                               step(*a, **k))[1])
+    d.train()
+    # LR ramp (warmup_steps=2): factors 1/2, 1, 1, 1; the warm-up's rate replaces lr_student, the ramp applies
+    assert used == pytest.approx([2.5e-2, 5e-2, 1e-3, 1e-3])
+    for bad in (0.0, -1e-3, float("nan"), "1e-3"):
+        with pytest.raises(ValueError, match="regression_lr"):
+            DistillConfig(regression_lr=bad)
+    with pytest.raises(ValueError, match="regression_steps"):
+        DistillConfig(regression_steps=-1)
+
+
+def test_resume_across_the_warmup_boundary_is_exact(tmp_path):
+    full = make(steps=4, regression_steps=2, train_steps=(1, 2))
+    reference = full.train()
+    first = make(steps=1, regression_steps=2, train_steps=(1, 2), out_dir=str(tmp_path))
+    first.train()
+    resumed = make(steps=4, regression_steps=2, train_steps=(1, 2), out_dir=str(tmp_path))
+    history = resumed.train()
+    key = lambda rows: [(r.get("regression_loss"), r.get("d_loss"), r.get("g_loss")) for r in rows]
+    assert key(history) == key(reference)
+    for k, v in full.student.state_dict().items():
+        assert torch.equal(v, resumed.student.state_dict()[k])
+    with pytest.raises(CheckpointError, match="regression_steps"):
+        make(steps=4, regression_steps=3, train_steps=(1, 2)).load_checkpoint(str(tmp_path / "checkpoint.pt"))
+
+
+def test_checkpoint_from_before_a_config_field_existed_resumes_with_its_default(tmp_path):
+    from nitrokernels.nitro.distiller import state_digest
+
+    d = make(steps=1, out_dir=str(tmp_path))
+    d.train()
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["regression_steps"]          # as written by a version without the field
+    del state["digest"]
+    state["digest"] = state_digest(state)
+    torch.save(state, path)
+    make(steps=2).load_checkpoint(str(path))          # its default (0) is what the old file meant
+    with pytest.raises(CheckpointError, match="regression_steps"):
+        make(steps=2, regression_steps=4, train_steps=(1, 2)).load_checkpoint(str(path))
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     full = make(steps=6, ema_decay=0.9, discriminator=dict(refresh_rate=0.2))

@@ -7,8 +7,10 @@
 What it does:
   1. loads the shipped digits teacher (a class-conditional diffusers UNet, sampled with DDIM) and the digits
      classifier (nitrokernels/assets/, written by python/train_digits_teacher.py);
-  2. distils a one-step student (initialised from the teacher) with NitroDistiller: the teacher's DDIM
-     samples are "real", the student's one-step samples "fake", and a DynamicDiscriminator -- the frozen
+  2. distils a 1-4-step student (initialised from the teacher) with NitroDistiller: first a regression warm-up
+     (2/3 of the iterations: the student's x̂0 fitted to the teacher's DDIM solution from the same input, the
+     distilled starting point NitroFusion fine-tunes), then NitroFusion's adversarial training: the teacher's DDIM
+     samples are "real", the student's samples "fake", and a DynamicDiscriminator -- the frozen
      teacher encoder + mid block with a pool of 240 heads (4 t* x 3 kinds x 5 levels x 4), 60 sampled per
      iteration (2 t* groups x 3 kinds x 5 levels x 2), two discriminator updates per generator update, 1% of the
      heads with >= 16 updates refreshed per iteration -- trains both adversarially, the student for 1, 2 and 4
@@ -28,7 +30,13 @@ import os
 import time
 
 # Demo settings (chosen for a 2-core CPU; see run()). QUICK is the CI size.
-DEFAULT = dict(steps=280, batch_size=16, eval_per_class=50)
+DEFAULT = dict(steps=450, batch_size=16, eval_per_class=50)
+# The first 2/3 of the iterations are the regression warm-up (DistillConfig.regression_steps): the distilled
+# starting point NitroFusion fine-tunes (the paper starts from DMD2 / Hyper-SDXL students); the rest adversarial.
+WARMUP_FRACTION = 2 / 3
+REGRESSION_LR = 2e-4    # the student's learning rate in the warm-up
+LR_STUDENT = 1e-5       # ... and in the adversarial phase
+LR_HEADS = 1e-3
 QUICK = dict(steps=8, batch_size=16, eval_per_class=10)
 SHIFT = 250
 TEACHER_STEPS_TRAIN = 4  # DDIM steps of the teacher for the "real" samples during distillation
@@ -36,7 +44,8 @@ TEACHER_STEPS_TRAIN = 4  # DDIM steps of the teacher for the "real" samples duri
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"distillation iterations (default {DEFAULT['steps']}; {QUICK['steps']} with --quick)")
+                        help=f"distillation iterations, the regression warm-up's {WARMUP_FRACTION:.0%}% included "
+                             f"(default {DEFAULT['steps']}; {QUICK['steps']} with --quick)")
     parser.add_argument("--out", default="nitro-demo", help="output folder (default ./nitro-demo)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--quick", action="store_true", help="CI size: few iterations, small evaluation")
@@ -77,7 +86,8 @@ def demo_config(steps: int, batch_size: int, seed: int, out_dir: str | None, dev
     from nitrokernels.nitro.distiller import DistillConfig
 
     return DistillConfig(
-        steps=steps, batch_size=batch_size, grad_accum=1, lr_student=5e-5, lr_heads=1e-3,
+        steps=steps, regression_steps=round(steps * WARMUP_FRACTION), regression_lr=REGRESSION_LR,
+        batch_size=batch_size, grad_accum=1, lr_student=LR_STUDENT, lr_heads=LR_HEADS,
         betas_student=(0.5, 0.999), betas_heads=(0.5, 0.999), weight_decay_heads=0.0, grad_clip=1.0,
         ema_decay=None, shift=SHIFT, teacher_steps=TEACHER_STEPS_TRAIN, teacher_guidance=1.0, seed=seed,
         device=device, out_dir=out_dir, log_every=10, sample_every=0, sample_count=20, checkpoint_every=0,
@@ -180,12 +190,22 @@ def save_loss_png(path: str, history: list[dict]) -> str:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    warmup = [r for r in history if "regression_loss" in r]
+    history = [r for r in history if "d_loss" in r]  # the adversarial iterations
     steps = np.array([r["step"] for r in history])
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
     for key, label in (("d_loss", "discriminator (sampled heads, summed)"), ("g_loss", "generator (student)")):
         _plot_smoothed(ax, steps, [r[key] for r in history], label)
     ax.set_ylabel("loss")
     ax.set_title("NitroFusion distillation on the digits")
+    if warmup:  # the regression warm-up before the adversarial phase, on its own scale
+        mse = ax.twinx()
+        mse.plot([r["step"] for r in warmup], [r["regression_loss"] for r in warmup], color="gray", lw=1,
+                 label="warm-up regression (mse)")
+        mse.set_ylabel("warm-up mse", fontsize=8)
+        mse.legend(loc="center right", fontsize=8)
+        for axis in (ax, ax2):
+            axis.axvline(warmup[-1]["step"], color="gray", lw=0.8, ls=":")
     ax.legend(fontsize=8)
     kinds = sorted({k.split("/")[0] for r in history for k in r if k.endswith("/d_accuracy")})
     for kind in kinds:
@@ -207,6 +227,7 @@ def save_loss_png(path: str, history: list[dict]) -> str:
 
 def discriminator_summary(history: list[dict]) -> dict:
     """Run means of the discriminator diagnostics (overall and per head kind) and their last-quarter means."""
+    history = [r for r in history if "d_loss" in r]  # the adversarial iterations (not a regression warm-up)
     if not history:
         return {}
     quarter = history[-max(1, len(history) // 4):]
@@ -243,7 +264,7 @@ def run(args) -> int:
     import torch
 
     from nitrokernels.nitro import digits
-    from nitrokernels.nitro.distiller import NitroDistiller
+    from nitrokernels.nitro.distiller import LOSS_KEYS, NitroDistiller
 
     t_start = time.time()
     settings = dict(QUICK if args.quick else DEFAULT)
@@ -275,7 +296,8 @@ def run(args) -> int:
           f"params; discriminator: {len(disc.levels)} feature levels {list(disc.levels)}, {disc.num_heads} heads "
           f"({len(disc.t_star)} t* x {len(disc.kinds)} kinds x {len(disc.levels)} levels x 4), "
           f"{disc.heads_per_iteration} sampled per iteration; student called at t={distiller.student_t} "
-          f"(shift {config.shift}); {steps} iterations of batch {batch}", flush=True)
+          f"(shift {config.shift}); {steps} iterations of batch {batch}: {config.regression_steps} of regression "
+          f"warm-up, then {steps - config.regression_steps} adversarial", flush=True)
 
     t_train = time.time()
     history = distiller.train()
@@ -313,8 +335,9 @@ def run(args) -> int:
         "seconds": {"train": round(train_seconds, 1), "eval": round(eval_seconds, 1),
                     "total": round(time.time() - t_start, 1)},
         "quick": bool(args.quick), "seed": args.seed,
-        "final_losses": {k: history[-1][k] for k in ("d_loss", "g_loss")} if history else {},
+        "final_losses": {k: v for k, v in history[-1].items() if k in LOSS_KEYS} if history else {},
         "discriminator": disc_summary, "train_steps": list(config.train_steps), "d_steps": config.d_steps,
+        "regression_steps": config.regression_steps,
     }
     if args.save_student:
         path = digits.asset_path(digits.STUDENT_ASSET) if args.save_student == "__asset__" else args.save_student

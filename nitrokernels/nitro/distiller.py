@@ -1,6 +1,8 @@
 """NitroFusion distillation: a multi-step teacher makes "real" x0 from noise, the one-step student makes "fake"
 x̂0 from the same noise, and a DynamicDiscriminator (frozen teacher encoder + pooled heads) trains both
-adversarially -- no regression term.
+adversarially -- no regression term. NitroFusion fine-tunes students that are already distilled; for a student
+copied from an undistilled teacher, DistillConfig.regression_steps first fits it to the teacher's paired
+solutions (a warm-up of its own iterations, before the adversarial ones; see NitroDistiller._regression_step).
 
     bank = PromptBank(cond={"encoder_hidden_states": text_embs}, uncond={"encoder_hidden_states": empty_emb})
     distiller = NitroDistiller(teacher, student, teacher_scheduler, bank,
@@ -74,6 +76,9 @@ LEGACY_FORMATS = ("nitrokernels-nitrofusion-distill-v1",)
 CHECKPOINT_NAME = "checkpoint.pt"
 
 # Config fields that may differ between a checkpoint and the run that resumes it (everything else must match).
+# What a log row holds besides the diagnostics: adversarial iterations have d_loss and g_loss, warm-up
+# iterations (DistillConfig.regression_steps) regression_loss; grad_norm where the student's gradient is clipped.
+LOSS_KEYS = ("d_loss", "g_loss", "regression_loss", "grad_norm")
 _RESUMABLE_FIELDS = {"steps", "log_every", "sample_every", "checkpoint_every", "out_dir", "progress", "resume",
                      "device", "sample_count"}
 
@@ -92,7 +97,13 @@ class DistillConfig:
     Method: shift (timestep shift of the student: it is called at floor(999 * shift / 1000)), teacher_steps and
     teacher_guidance (the teacher's multi-step sampler; guidance 1 = none), refresh_every (iterations between
     pool refreshes; the rate is the discriminator's refresh_rate), d_steps (discriminator updates per generator
-    update), train_steps (the step counts the student is trained for, by backward simulation; (1,) = one step).
+    update), train_steps (the step counts the student is trained for, by backward simulation; (1,) = one step),
+    regression_steps (a pre-distillation warm-up: the first N iterations fit the student's x̂0 at its drawn step to
+    the teacher's sampler's result from the same input by mean squared error, no discriminator; 0 = none, the
+    paper's purely adversarial run), regression_lr (the student's learning rate in the warm-up; None = lr_student).
+    NitroFusion fine-tunes students that are already distilled (DMD2, Hyper-SDXL); a student copied from an
+    undistilled teacher gets that starting point from this warm-up. The adversarial iterations after it have no
+    regression term.
     discriminator: kwargs of DynamicDiscriminator (when the distiller builds it; see its docstring).
     Precision: mixed_precision "no" | "bf16" | "fp16" (autocast of every UNet forward, on CUDA or the CPU;
     fp16 uses a GradScaler, whose state is checkpointed).
@@ -119,6 +130,8 @@ class DistillConfig:
     refresh_every: int = 1
     d_steps: int = 1
     train_steps: tuple[int, ...] = (1, 2, 4)
+    regression_steps: int = 0
+    regression_lr: float | None = None
     discriminator: dict = field(default_factory=dict)
     mixed_precision: str = "no"
     seed: int = 0
@@ -139,7 +152,7 @@ class DistillConfig:
 
         for name in ("batch_size", "grad_accum", "teacher_steps", "refresh_every", "sample_count", "d_steps"):
             positive_int(name)
-        for name in ("steps", "log_every", "sample_every", "checkpoint_every", "warmup_steps"):
+        for name in ("steps", "log_every", "sample_every", "checkpoint_every", "warmup_steps", "regression_steps"):
             positive_int(name, 0)
         def finite_number(name):
             value = getattr(self, name)
@@ -150,6 +163,10 @@ class DistillConfig:
             finite_number(name)
             if not getattr(self, name) >= 0:
                 raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.regression_lr is not None:
+            finite_number("regression_lr")
+            if not self.regression_lr > 0:
+                raise ValueError(f"DistillConfig.regression_lr must be > 0 or None, got {self.regression_lr!r}")
         finite_number("teacher_guidance")
         finite_number("shift")
         for name in ("betas_student", "betas_heads"):
@@ -346,6 +363,8 @@ class _MicroBatch:
 
 def _progress_fields(row: dict) -> dict:
     """The progress bar's summary of a log row: losses, discriminator accuracy, real-fake logit gap, head age."""
+    if "regression_loss" in row:
+        return {"warm-up mse": f"{row['regression_loss']:.4f}"}
     fields = {"d": f"{row['d_loss']:.3f}", "g": f"{row['g_loss']:.3f}"}
     for key, label, fmt in (("d_accuracy", "acc", "{:.2f}"), ("logit_gap", "gap", "{:+.2f}"), ("head_age", "age", "{:.1f}")):
         if key in row:
@@ -503,6 +522,7 @@ class NitroDistiller:
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._grid_noise, self._grid_idx = self._grid_inputs(grid_prompts)
         self._teacher_step_takes_generator = "generator" in inspect.signature(teacher_scheduler.step).parameters
+        self._check_paired_targets()
 
     def _make_heads_optimizer(self):
         params = list(self.disc.head_parameters())
@@ -574,17 +594,26 @@ class NitroDistiller:
         return x
 
     @torch.no_grad()
-    def teacher_x0(self, noise: torch.Tensor, cond: Mapping, uncond: Mapping | None) -> torch.Tensor:
-        """The teacher's multi-step sample from `noise` (its scheduler, config.teacher_steps, optional CFG)."""
+    def teacher_x0(self, noise: torch.Tensor, cond: Mapping, uncond: Mapping | None,
+                   start_t: int | None = None) -> torch.Tensor:
+        """The teacher's multi-step sample from `noise` (its scheduler, config.teacher_steps, optional CFG).
+        With `start_t`, `noise` is a partly noised input at that timestep (the variance-preserving x_t of the
+        noise schedule) and the teacher's sampler continues from it: its timesteps <= start_t (start_t must be
+        one of them; see _check_paired_targets)."""
         sched = self.teacher_scheduler
         guidance = self.config.teacher_guidance
         if guidance != 1.0 and uncond is None:
             raise ValueError("NitroDistiller: teacher_guidance != 1 needs the empty prompt (uncond) in the prompts")
         sched.set_timesteps(self.config.teacher_steps, device=noise.device)
-        x = noise * getattr(sched, "init_noise_sigma", 1.0)
+        timesteps = sched.timesteps
+        if start_t is None:
+            x = noise * getattr(sched, "init_noise_sigma", 1.0)
+        else:
+            x = noise
+            timesteps = [t for t in timesteps if int(t) <= start_t]
         both = _cat_cond(cond, uncond) if guidance != 1.0 else cond
         extra = {"generator": self.dev_gen} if self._teacher_step_takes_generator else {}
-        for t in sched.timesteps:
+        for t in timesteps:
             inp = torch.cat([x, x]) if guidance != 1.0 else x
             inp = sched.scale_model_input(inp, t) if hasattr(sched, "scale_model_input") else inp
             with self._autocast():
@@ -603,13 +632,13 @@ class NitroDistiller:
         index = int(torch.randint(steps, (), generator=self.host_gen)) if steps > 1 else 0
         return steps, index
 
-    def _micro_batches(self) -> list[_MicroBatch]:
+    def _micro_batches(self, one_step: bool = False) -> list[_MicroBatch]:
         cfg = self.config
         batches = []
         for _ in range(cfg.grad_accum):
             cond, uncond, idx = self.prompts(cfg.batch_size, self.host_gen, self.device)
             noise = torch.randn(self._latent_shape(cfg.batch_size), generator=self.dev_gen, device=self.device)
-            steps, index = self._draw_step()
+            steps, index = (1, 0) if one_step else self._draw_step()
             x = self.simulate_input(noise, cond, steps, index)
             batches.append(_MicroBatch(noise, cond, uncond, steps, index, x))
         return batches
@@ -621,6 +650,8 @@ class NitroDistiller:
 
     def _train_step(self) -> dict:
         cfg = self.config
+        if self.step < cfg.regression_steps:
+            return self._regression_step()
         selection = self.disc.sample(generator=self.dev_gen, host_generator=self.host_gen)
         scale = 1.0 / cfg.grad_accum
         # discriminator phase: the sampled heads learn teacher x0 (real) vs student x̂0 (fake), d_steps updates
@@ -637,18 +668,8 @@ class NitroDistiller:
             self.scaler.scale(out.g_loss * scale).backward()
             g_total = g_total + out.g_loss.detach() * scale
             g_diag = out if g_diag is None else g_diag
-        self.scaler.unscale_(self.opt_student)
-        grad_norm = None
-        if cfg.grad_clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
-        self.scaler.step(self.opt_student)
-        self.scaler.update()
-        self.opt_student.zero_grad(set_to_none=True)
-        self.sched_student.step()
-        self.sched_heads.step()
-        if self.ema is not None:
-            self._update_ema()
-        self.step += 1
+        grad_norm = self._student_update()
+        self.sched_heads.step()  # the heads' LR warm-up counts adversarial iterations (their optimiser's steps)
         if cfg.refresh_every and self.step % cfg.refresh_every == 0:
             self.disc.refresh(optimizer=self.opt_heads, generator=self.host_gen)
         result = {"d_loss": d_total, "g_loss": g_total, "t_star": d_diag.t_star,
@@ -656,6 +677,61 @@ class NitroDistiller:
         if grad_norm is not None:
             result["grad_norm"] = grad_norm.detach()
         result["diagnostics"] = _step_diagnostics(d_diag, g_diag)
+        return result
+
+    def _student_update(self, lr: float | None = None):
+        """The student's optimiser step on its accumulated gradients (clip, AdamW, its LR schedule, EMA; the
+        iteration count advances), at `lr` (x the schedule's factor) instead of lr_student when given. Returns the
+        gradient norm before clipping (None without clipping)."""
+        cfg = self.config
+        self.scaler.unscale_(self.opt_student)
+        grad_norm = None
+        if cfg.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+        scheduled = [g["lr"] for g in self.opt_student.param_groups]
+        if lr is not None:
+            factor = self.sched_student.lr_lambdas[0](self.sched_student.last_epoch)   # the warm-up ramp
+            for g in self.opt_student.param_groups:
+                g["lr"] = lr * factor
+        self.scaler.step(self.opt_student)
+        for g, value in zip(self.opt_student.param_groups, scheduled):
+            g["lr"] = value
+        self.scaler.update()
+        self.opt_student.zero_grad(set_to_none=True)
+        self.sched_student.step()
+        if self.ema is not None:
+            self._update_ema()
+        self.step += 1
+        return grad_norm
+
+    def _regression_step(self) -> dict:
+        """A warm-up iteration (config.regression_steps): the student's x̂0 at its drawn schedule step (backward
+        simulation, as in the adversarial phase) fitted by mean squared error to the teacher's solution from the
+        SAME input: for the first step the teacher's sample from the same noise, for a later step the teacher's
+        sampler continued from that step's re-noised input at its LCM timestep (teacher_x0(start_t=...)). A
+        later step's input carries fresh noise that the first step's target does not depend on: regressing the
+        teacher's x0 from the starting noise there teaches the mean (blur; measured on the digits: 2-step
+        Frechet 140-225 after such a warm-up). The discriminator is neither used nor updated, no heads are
+        refreshed."""
+        cfg = self.config
+        scale = 1.0 / cfg.grad_accum
+        total = 0.0
+        batches = self._micro_batches()
+        self.opt_student.zero_grad(set_to_none=True)
+        for mb in batches:
+            if mb.index == 0:
+                real = self.teacher_x0(mb.noise, mb.cond, mb.uncond)
+            else:
+                real = self.teacher_x0(mb.x, mb.cond, mb.uncond, start_t=self._lcm_t(mb.steps, mb.index))
+            fake = self.student_denoise(mb.x, mb.cond, mb.steps, mb.index)
+            loss = torch.nn.functional.mse_loss(fake, real)
+            self.scaler.scale(loss * scale).backward()
+            total = total + loss.detach() * scale
+        grad_norm = self._student_update(cfg.regression_lr)
+        result = {"regression_loss": total, "t_star": [], "diagnostics": {},
+                  "student_t": [int(self._model_t(mb.steps, mb.index)) for mb in batches]}
+        if grad_norm is not None:
+            result["grad_norm"] = grad_norm.detach()
         return result
 
     def _discriminator_update(self, batches, selection, scale):
@@ -676,6 +752,30 @@ class NitroDistiller:
         self.opt_heads.zero_grad(set_to_none=True)
         self.disc.record_updates(selection)
         return d_total, d_diag
+
+    def _lcm_t(self, steps: int, index: int) -> int:
+        self.student_scheduler.set_timesteps(steps)
+        return int(self.student_scheduler.lcm_timesteps[index])
+
+    def _check_paired_targets(self) -> None:
+        """A regression warm-up of later steps continues the teacher's sampler from the student's LCM timesteps:
+        they must be timesteps of that sampler, whose latents must be the schedule's x_t (init_noise_sigma 1)."""
+        cfg = self.config
+        later = sorted({self._lcm_t(n, i) for n in cfg.train_steps for i in range(1, n)})
+        if not cfg.regression_steps or not later:
+            return
+        sched = self.teacher_scheduler
+        sched.set_timesteps(cfg.teacher_steps)
+        grid = {int(t) for t in sched.timesteps}
+        missing = [t for t in later if t not in grid]
+        if missing or float(getattr(sched, "init_noise_sigma", 1.0)) != 1.0:
+            raise ValueError(
+                f"NitroDistiller: regression_steps with train_steps={cfg.train_steps} fits later steps to the teacher's "
+                f"sampler continued from the student's LCM timesteps {later}; the teacher's {type(sched).__name__} "
+                f"with teacher_steps={cfg.teacher_steps} has timesteps {sorted(grid, reverse=True)}"
+                + (f" (missing {missing})" if missing else " but scales its latents (init_noise_sigma != 1)")
+                + ". Use a variance-preserving sampler whose timesteps contain them (e.g. DDIM with "
+                  "timestep_spacing='trailing' and teacher_steps a multiple of max(train_steps)), or train_steps=(1,)")
 
     def _model_t(self, steps: int, index: int) -> int:
         self.student_scheduler.set_timesteps(steps)
@@ -744,8 +844,7 @@ class NitroDistiller:
         keys = []
         tensors = []
         for step, result in self._pending:
-            row_keys = ["d_loss", "g_loss"] + (["grad_norm"] if "grad_norm" in result else []) + \
-                sorted(result["diagnostics"])
+            row_keys = [k for k in LOSS_KEYS if k in result] + sorted(result["diagnostics"])
             keys.append((step, result["t_star"], result.get("student_t"), row_keys))
             tensors += [torch.as_tensor(result[k] if k in result else result["diagnostics"][k]).detach().float()
                         .reshape(()).cpu() for k in row_keys]
@@ -859,6 +958,10 @@ class NitroDistiller:
         mine, theirs = self.config.fingerprint(), state.get("config", {})
         if not isinstance(theirs, dict):
             raise CheckpointError(f"checkpoint {path}: 'config' is a {type(theirs).__name__}, expected a dict")
+        # a field added to DistillConfig after the checkpoint was written counts as its default there
+        defaults = DistillConfig(**{f.name: getattr(self.config, f.name) for f in dataclasses.fields(DistillConfig)
+                                    if f.name in _RESUMABLE_FIELDS}).fingerprint()
+        theirs = {**{k: v for k, v in defaults.items() if k not in theirs}, **theirs}
         diff = sorted(k for k in set(mine) | set(theirs) if _jsonable(mine.get(k)) != _jsonable(theirs.get(k)))
         if diff:
             details = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in diff[:6])
