@@ -75,13 +75,12 @@ def _digits_bank(encoder):
 def demo_config(steps: int, batch_size: int, seed: int, out_dir: str | None, device: str, progress: bool = True):
     """The DistillConfig the demo trains with (also used by the tests).
 
-    Chosen from measured runs on this 2-core CPU (see the README): with one t* group of four and one head per
-    level drawn per iteration, the heads got ~3 updates each before they were used and the discriminator sat at
-    chance (accuracy 0.51). Two t* groups x two heads per level per iteration, two discriminator updates per
-    generator update and refresh only of heads with >= 16 updates raise its accuracy to 0.53-0.59 over 150-280
-    iterations (still short of 0.6 with a learning student); every t* group (the library default) costs twice
-    the backbone time for the same accuracy here. A student lr of 5e-5 beat 3e-5 (1/2/4-step Frechet 63/61/54 vs
-    62/73/69 at 280 iterations). The student trains for 1, 2 and 4 steps (backward simulation).
+    Chosen from measured runs on this 2-core CPU (see the README and issue 11's notes). The first 2/3 of the
+    iterations are a paired regression warm-up (regression_lr 2e-4): 600 of them alone give a one-step Frechet
+    distance of 33-36; 300 of them + 150 adversarial iterations at lr_student 1e-5 give 28.6-29.5 (at 5e-5 / 1e-4
+    the adversarial phase degraded the student to 64 / 82). Heads: two t* groups x two heads per level per
+    iteration, two discriminator updates per generator update, refresh only of heads with >= 16 updates (one t*
+    group and one head per level left them ~3 updates old). The student trains for 1, 2 and 4 steps.
     """
     from nitrokernels.nitro.distiller import DistillConfig
 
