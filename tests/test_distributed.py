@@ -100,13 +100,15 @@ def test_two_processes_equal_one_with_the_doubled_batch(runs):
         assert r1["t_star"] == r2["t_star"] and r1["student_t"] == r2["student_t"]   # the same shared draws
         for key in ("d_loss", "g_loss", "grad_norm", "d_accuracy"):
             assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-5), (key, r1[key], r2[key])
-    _close(ref["student"], two["student"], "student")
-    # AdamW divides by the gradients' RMS: fp32 reduction-order differences move a few elements by ~1e-5 (the
-    # heads' lr is 1e-3; a wrong gradient moves them by ~1e-3)
-    _close(ref["heads"], two["heads"], "heads", atol=5e-5)
+    # AdamW divides by the gradients' RMS, so where a gradient is ~eps an fp32 reduction-order difference moves an
+    # element by a fraction of the lr (seen: 1.7e-5 of the student's 1e-4, one element in 9216). A wrong gradient
+    # moves elements by ~lr per step: the tolerance is a quarter of one step, the weights move by several steps.
+    lr_student, lr_heads = _config(BATCH, 1).lr_student, _config(BATCH, 1).lr_heads
+    _close(ref["student"], two["student"], "student", atol=lr_student / 4)
+    _close(ref["heads"], two["heads"], "heads", atol=lr_heads / 20)
     start = _models()[1].state_dict()
     moved = max((two["student"][k] - start[k]).abs().max().item() for k in two["student"])
-    assert moved > 1e-5  # the student did train (the comparison is not of untouched weights)
+    assert moved > lr_student  # the student did train, by more than the tolerance (not untouched weights)
 
 
 def test_heads_allreduce_sends_only_the_sampled_rows(runs):
