@@ -439,3 +439,37 @@ def test_head_dtype_and_state_roundtrip():
     d64, _, _ = make("digits", head_backend="eager", head_dtype=torch.float64)
     out = d64.g_loss(latents(2, channels), make_cond(2), make_cond(2, True))
     assert out.g_loss.dtype == torch.float64
+
+
+def test_state_dict_leaves_out_the_frozen_backbone():
+    disc, _, _ = make("digits", head_backend="eager")
+    state = disc.state_dict()
+    backbone_keys = set(disc.backbone.state_dict())
+    assert state and all(k.startswith(("pools.", "ages.")) for k in state), sorted(state)[:5]
+    assert not backbone_keys & {k.split(".", 1)[1] for k in state}
+    assert {id(p) for p in disc.parameters()} == {id(p) for p in disc.head_parameters()}
+    # the module state and the heads-only state hold the same tensors
+    heads = disc.heads_state_dict()
+    assert {k.split(".", 1)[1] for k in state if k.startswith("pools.")} == {k for k in heads if not k.startswith("ages.")}
+    other, _, _ = make("digits", head_backend="eager")
+    other.load_state_dict(copy.deepcopy(state))  # strict: no missing backbone keys
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, state[k])
+    with pytest.raises(RuntimeError, match="backbone"):
+        other.load_state_dict({**state, "backbone.conv_in.weight": torch.zeros(1)})
+    # .to() still moves / casts the backbone along with the heads
+    disc.to(torch.float64)
+    assert disc.backbone.conv_in.weight.dtype == torch.float64
+    assert next(disc.head_parameters()).dtype == torch.float64
+    assert "backbone=" in repr(disc)
+
+
+def test_default_sizing_on_a_small_unet_suggests_the_sizing_arguments():
+    unet = tiny_digits_unet()  # 16x16 latents: maps 16 and 8, too small for local_size=8
+    with pytest.raises(ValueError, match=r"local_size=4 .*resolution=.*pool_sizes=") as err:
+        DynamicDiscriminator(unet)
+    assert "local_unconditional': 0" in str(err.value)
+    disc = DynamicDiscriminator(unet, local_size=4, hidden=16, num_groups=4, pool_sizes=1)  # the suggestion works
+    assert disc.num_heads > 0
+    with pytest.raises(ValueError, match=r"Global heads.*resolution=.*'global_conditional': 0"):
+        DynamicDiscriminator(unet, resolution=12, pool_sizes={"global_conditional": 1}, hidden=16, num_groups=4)

@@ -148,6 +148,14 @@ class DynamicDiscriminator(nn.Module):
         head_dtype: dtype of the heads' parameters (features are cast to it). head_backend: force the
             head_stack backend ("triton", "eager") for every head call of this module; None = dispatch.
         batch_backbone: run real/fake and prompt/empty-prompt backbone passes as one batch (faster; more memory).
+
+    A backbone whose feature maps do not fit the default head sizing (a small UNet) raises a ValueError naming
+    the arguments to change (local_size, resolution, pool_sizes, ...).
+
+    State: the backbone is held, not registered as a child module, so ``state_dict()``, ``load_state_dict()``
+    and ``parameters()`` cover the heads and their ages only; ``.to()`` / ``.cuda()`` / dtype casts still move
+    the backbone. ``heads_state_dict()`` / ``load_heads_state_dict()`` save and load the heads on their own
+    (see heads_state_dict for the recipe).
     """
 
     def __init__(self, backbone_unet: nn.Module, levels: Sequence[tuple[int, int]] | None = None,
@@ -254,7 +262,8 @@ class DynamicDiscriminator(nn.Module):
                         num_groups=num_groups, kind=_POOL_KIND[kind], local_size=local_size, device=device,
                         dtype=head_dtype)
                 except ValueError as err:
-                    raise ValueError(f"DynamicDiscriminator: cannot build the {kind} heads for this backbone: {err}") from None
+                    raise ValueError(f"DynamicDiscriminator: cannot build the {kind} heads for this backbone: {err}. "
+                                     f"{_sizing_hint(kind, self.levels, self.resolution, local_size)}") from None
         self.pools = nn.ModuleDict(pools)
         # updates since initialisation of every head of every pool (the refresh policy reads them)
         self.ages = nn.Module()
@@ -263,7 +272,22 @@ class DynamicDiscriminator(nn.Module):
         self.hidden, self.num_groups, self.head_dtype = hidden, num_groups, head_dtype
 
         backbone_unet.requires_grad_(False).eval()
-        self.backbone = backbone_unet
+        # Held outside nn.Module's registries (a 1-tuple is a plain attribute): the frozen teacher is not a child
+        # module, so it is not in state_dict() / load_state_dict() / parameters(); _apply below still moves it.
+        self._frozen_backbone = (backbone_unet,)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The frozen backbone UNet (usually the teacher). Not a child module: it is left out of state_dict(),
+        load_state_dict() and parameters(), and moved / cast along with the discriminator by .to() / .cuda() /
+        .half() and the like."""
+        return self._frozen_backbone[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .float() / ... act on the backbone too (it is shared with the caller: the teacher
+        # moves, as it did when it was a child module)
+        self._frozen_backbone[0]._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- config
     @staticmethod
@@ -302,11 +326,22 @@ class DynamicDiscriminator(nn.Module):
         return self.pools.parameters()
 
     def heads_state_dict(self) -> dict[str, torch.Tensor]:
-        """The pools' parameters plus every head's update count ("ages.<pool>"): all a resumed run needs."""
+        """The pools' parameters plus every head's update count ("ages.<pool>"): all a resumed run needs.
+
+        Heads-only save / load (the frozen backbone is the teacher: save it, if at all, as the teacher)::
+
+            torch.save(disc.heads_state_dict(), "heads.pt")
+            disc = DynamicDiscriminator(teacher, **same_kwargs)
+            disc.load_heads_state_dict(torch.load("heads.pt", weights_only=True))
+
+        ``disc.state_dict()`` holds the same tensors under the module's own names ("pools.*", "ages.*"); neither
+        includes the backbone.
+        """
         return {**self.pools.state_dict(), **{f"ages.{k}": v for k, v in self.ages.state_dict().items()}}
 
     def load_heads_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load heads_state_dict() output; a state without "ages.*" entries (older files) loads with ages 0."""
+        """Load heads_state_dict() output (see its docstring for the save / load recipe); a state without
+        "ages.*" entries (older files) loads with ages 0. The pools' keys and shapes must match (strict)."""
         ages = {k[len("ages."):]: v for k, v in state.items() if k.startswith("ages.")}
         pools = {k: v for k, v in state.items() if not k.startswith("ages.")}
         if ages:
@@ -324,7 +359,7 @@ class DynamicDiscriminator(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"levels={list(self.levels)}, t_star={self.t_star}, pool_sizes={dict(self.pool_sizes)}, "
+        return (f"backbone={type(self.backbone).__name__} (frozen, not in state_dict), levels={list(self.levels)}, t_star={self.t_star}, pool_sizes={dict(self.pool_sizes)}, "
                 f"heads_sampled={dict(self.heads_sampled)}, t_star_sampled={self.t_star_sampled}, "
                 f"num_heads={self.num_heads}, refresh_rate={self.refresh_rate}, "
                 f"refresh_min_updates={self.refresh_min_updates}, loss={self.loss!r}")
@@ -641,6 +676,24 @@ class DynamicDiscriminator(nn.Module):
             ages.index_fill_(0, chosen.to(ages.device), 0)
             count += n
         return count
+
+
+def _sizing_hint(kind: str, levels, resolution: int, local_size: int) -> str:
+    """What to pass when the default head sizing does not fit a (small) backbone."""
+    from nitrokernels.nn.head_pool import _power_of_two_steps
+
+    sizes = sorted({s for _, s in levels})
+    drop = [k for k in KINDS if _POOL_KIND[k] == _POOL_KIND[kind]]
+    off = "or pool_sizes={" + ", ".join(f"{k!r}: 0" for k in drop) + ", ...} to drop these heads"
+    if _POOL_KIND[kind] == "global":
+        return (f"Global heads need every feature map to be 4 * 2**k with k >= 1 (8, 16, 32, ...); the backbone's "
+                f"maps are {sizes} at resolution={resolution}: pass a resolution=... that gives such sizes, {off} "
+                f"(the sizing arguments: resolution, pool_sizes, local_size, hidden, num_groups)")
+    fits = [t for t in range(sizes[0] - 1, 0, -1) if all(_power_of_two_steps(s, t) is not None for s in sizes)]
+    suggestion = f"local_size={fits[0]} (the largest that fits), " if fits else ""
+    return (f"Local heads need every feature map to be local_size * 2**k with k >= 1; the backbone's maps are "
+            f"{sizes} at resolution={resolution} and local_size={local_size}: pass {suggestion}a larger "
+            f"resolution=..., {off} (the sizing arguments: local_size, resolution, pool_sizes, hidden, num_groups)")
 
 
 def _flat_tensors(kwargs: Mapping, prefix: str = ""):
