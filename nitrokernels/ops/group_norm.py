@@ -18,7 +18,9 @@ Backends (nitrokernels.ops.dispatch; force with NITROKERNELS_BACKEND=group_norm_
     small merge kernel, then the normalise+SiLU pass), NCHW and NHWC kernels of their own.
   * "triton": nitrokernels/kernels/group_norm.py, the same three-pass structure with one stride-generic set of
     kernels for both layouts; runs on CPU tensors under TRITON_INTERPRET=1 (tests).
-  * "eager": ops/reference.py's `group_norm_silu_reference` (the definition), autograd for the backward.
+  * "eager": ops/reference.py's `group_norm_silu_reference` (the definition) forward; a closed-form backward in
+    plain tensor ops (no autograd inside, so it runs under torch.compile and dispatch modes such as
+    FlopCounterMode).
 
 How the dispatcher chooses (first backend without a reason wins, in the order cuda_ext -> triton -> eager):
   * cuda_ext takes every input whose layout lets it use its 16-byte vector path: NCHW with the spatial size a
@@ -88,7 +90,7 @@ def _vector_width(dtype: torch.dtype) -> int:
 
 # ============================================================================================== backends
 class _Eager:
-    """The reference: forward = ops.reference, backward = autograd through it (recomputed)."""
+    """The reference: forward = ops.reference, backward = its closed form (statistics recomputed)."""
 
     @staticmethod
     def _compute_dtype(x, *params):
@@ -116,25 +118,45 @@ class _Eager:
         return result, mean.float(), rstd.float()
 
     def backward(self, dout, x, weight, bias, temb, mean, rstd, num_groups, eps, act):
-        if x.numel() == 0:  # sums over nothing are zero (autograd through group_norm would give NaN here)
+        """Closed-form GroupNorm(+temb)(+SiLU) backward in plain tensor ops (float32, float64 for float64 inputs).
+
+        No autograd inside: this runs inside a custom op's backward, where torch.compile (AOTAutograd) and
+        FlopCounterMode / other dispatch modes see tensors that do not require grad -- re-running the forward
+        under enable_grad() fails there ("element 0 of tensors does not require grad"). Statistics are
+        recomputed here in the compute dtype (the saved fp32 ones would cost a float64 input its precision).
+            z = xhat * w + b,  dz = dout * silu'(z),  dw = sum dz * xhat,  db = sum dz,
+            dy = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)),  dxhat = dz * w,
+            dx = dy,  dtemb = sum over space of dy.
+        """
+        if x.numel() == 0:  # sums over nothing are zero
             return (_empty_like_layout(x),) + tuple(None if t is None else torch.zeros_like(t)
                                                     for t in (weight, bias, temb))
-        ct = self._compute_dtype(x, weight, bias, temb)
-        inputs = [t.detach().requires_grad_(True) if t is not None else None for t in (x, weight, bias, temb)]
-        with torch.enable_grad():
-            cast = (lambda t: None if t is None else t.to(ct))
-            out = group_norm_silu_reference(*[cast(inputs[0])], num_groups, cast(inputs[1]), cast(inputs[2]), eps,
-                                            cast(inputs[3]), "silu" if act else None)
-            present = [t for t in inputs if t is not None]
-            grads = iter(torch.autograd.grad(out, present, dout.to(out.dtype), allow_unused=True))
-        result = []
-        for t in inputs:
-            g = next(grads) if t is not None else None
-            if t is not None and g is None:
-                g = torch.zeros_like(t)
-            result.append(g)
-        result[0] = _match_layout(result[0], x)
-        return tuple(result)
+        ct = torch.float64 if torch.float64 in (x.dtype, dout.dtype) else torch.float32
+        n, c = x.shape[0], x.shape[1]
+        y = x.to(ct).reshape(n, c, -1)
+        if temb is not None:
+            y = y + temb.to(ct).reshape(n, c, 1)
+        yg = y.reshape(n, num_groups, -1)
+        var, mu = torch.var_mean(yg, dim=-1, unbiased=False, keepdim=True)
+        r = torch.rsqrt(var + eps)
+        xhat = ((yg - mu) * r).reshape(n, c, -1)
+        w = weight.to(ct).reshape(1, c, 1) if weight is not None else None
+        dz = dout.to(ct).reshape(n, c, -1)
+        if act:
+            z = xhat * w if w is not None else xhat
+            if bias is not None:
+                z = z + bias.to(ct).reshape(1, c, 1)
+            s = torch.sigmoid(z)
+            dz = dz * (s * (1 + z * (1 - s)))
+        dw = (dz * xhat).sum(dim=(0, 2)).to(weight.dtype) if weight is not None else None
+        db = dz.sum(dim=(0, 2)).to(bias.dtype) if bias is not None else None
+        dxhat = (dz * w if w is not None else dz).reshape(n, num_groups, -1)
+        xhat = xhat.reshape(n, num_groups, -1)
+        dy = r * (dxhat - dxhat.mean(dim=-1, keepdim=True) - xhat * (dxhat * xhat).mean(dim=-1, keepdim=True))
+        dy = dy.reshape(n, c, -1)
+        dt = dy.sum(dim=-1).to(temb.dtype) if temb is not None else None
+        dx = _match_layout(dy.reshape(x.shape).to(x.dtype), x)
+        return dx, dw, db, dt
 
 
 class _Triton:
