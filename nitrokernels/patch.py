@@ -20,6 +20,22 @@ What is patched (each block is decided on its own; one unsupported block does no
 A block is skipped when forward hooks on the modules that the fused path bypasses would silently stop
 firing. State-dict keys do not change, so a patched model saves and loads like the original.
 
+After patching, the user keeps working on the model (LoRA adapters, layerwise casting, CPU / group offloading,
+processors, torch.compile, torch.save): every fused forward checks at CALL time the few submodules and tensors it
+bypasses -- hooks (torch's, accelerate's AlignDevicesHook, diffusers' hook registry: layerwise casting, group
+offloading), wrappers (a PEFT / LoRA layer in place of `proj`, `to_q`, a norm), parameters on the meta device, on
+another device or in a storage dtype that is not the compute dtype -- and then calls through the submodule or
+runs the original computation for that call. `handle.fallbacks` lists (path, what, reason, calls) and
+`handle.summary()` shows them; the first occurrence of each is logged at INFO on the "nitrokernels" logger.
+Patched attention concatenates the QKV weights on every call (no cache: writes through `.data`, as peft's
+fuse_lora / unload do, are invisible to any cheap check), so merged / unloaded adapters are always seen.
+
+A patched model pickles (torch.save(model) / torch.load(..., weights_only=False)) and deep-copies; a copy keeps
+its fused blocks and is not tied to the handle: `unpatch(copy)` takes them out. `revert()` restores the
+original objects, carrying over what changed meanwhile: parameters assigned to a fused module
+(load_state_dict(assign=True)), a `proj` wrapped by a LoRA layer; a processor the user installed after
+patching (set_attn_processor, set_default_attn_processor) is kept, only nitrokernels' own are replaced.
+
 Supported-or-not: `strict=False` (default) skips unsupported blocks, logs them on the "nitrokernels" logger
 and records them in `handle.report`; `strict=True` raises `UnsupportedBlockError` naming every unsupported
 block and its reason, before anything is changed.
@@ -52,7 +68,7 @@ except ImportError as err:  # pragma: no cover - the dependency is optional for 
 
 log = logging.getLogger("nitrokernels")
 
-__all__ = ["AlreadyPatchedError", "PatchHandle", "UnsupportedBlockError", "patch_unet", "patch_vae"]
+__all__ = ["AlreadyPatchedError", "PatchHandle", "UnsupportedBlockError", "patch_unet", "patch_vae", "unpatch"]
 
 PATCHED = "patched"
 # The processors NitroAttnProcessor stands in for (same inputs, same math).
@@ -80,6 +96,21 @@ class PatchHandle:
     report: list[tuple[str, str, str]] = field(default_factory=list)
     _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
     reverted: bool = False
+    # (path, what, the module whose call-time fallbacks are recorded), for `fallbacks`
+    _blocks: list[tuple[str, str, nn.Module]] = field(default_factory=list, repr=False)
+
+    @property
+    def fallbacks(self) -> list[tuple[str, str, str, int]]:
+        """[(path, what, reason, calls)]: patched blocks that ran the original computation (or called through a
+        submodule instead of the fused path) at call time, and why -- hooks, wrappers, offloading or storage
+        dtypes added after patching. Empty while every call took the fused path."""
+        from nitrokernels.nn import _calltime
+
+        out = []
+        for path, what, module in self._blocks:
+            for reason, calls in _calltime.reasons(module).items():
+                out.append((path, what, reason, calls))
+        return out
 
     @property
     def patched(self) -> list[tuple[str, str]]:
@@ -102,6 +133,8 @@ class PatchHandle:
             f"{what} {done}/{total}" for what, (done, total) in self.counts().items()) + (
             " (reverted)" if self.reverted else "")]
         lines += [f"  skipped {what} {path}: {status}" for path, what, status in self.skipped]
+        lines += [f"  fell back {what} {path or '<root>'}: {reason} ({calls} call{'s' * (calls != 1)})"
+                  for path, what, reason, calls in self.fallbacks]
         return "\n".join(lines)
 
     def revert(self) -> None:
@@ -142,14 +175,6 @@ def _child(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), name
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> Callable[[], None]:
-    """Put `new` at `path` in place of the current module; returns the undo."""
-    parent, name = _child(model, path)
-    old = getattr(parent, name)
-    setattr(parent, name, new)
-    return lambda: setattr(parent, name, old)
-
-
 class _Planner:
     """Decides every block first (so strict mode changes nothing before it raises), then applies.
 
@@ -161,6 +186,7 @@ class _Planner:
         self.caller = caller
         self.rows: list[tuple[str, str, str | None]] = []
         self.steps: list[Callable[[], Callable[[], None]]] = []
+        self.blocks: list[tuple[str, str, nn.Module]] = []  # modules whose call-time fallbacks are recorded
 
     def add(self, path: str, what: str, reason: str | None, apply=None):
         self.rows.append((path, what, reason))
@@ -179,6 +205,7 @@ class _Planner:
             self.add(path, "attention", reason)
             if reason is None:
                 chosen[path] = module
+                self.blocks.append((path, "attention", module))
         if chosen:  # one step for all of them: the model's set_attn_processor takes them together
             self.steps.append(lambda: _install_processors(self.model, chosen, NitroAttnProcessor))
 
@@ -202,7 +229,8 @@ class _Planner:
             except (ValueError, TypeError, NotImplementedError) as err:
                 self.add(path, "geglu", f"FusedGEGLU cannot replace it: {err}")
                 continue
-            self.add(path, "geglu", None, lambda path=path, fused=fused: _replace(self.model, path, fused))
+            self.add(path, "geglu", None, lambda path=path, fused=fused: _install_geglu(self.model, path, fused))
+            self.blocks.append((path, "geglu", fused))
 
     # ----------------------------------------------------------------------------------------- group norm
     def plan_group_norm(self):
@@ -212,6 +240,8 @@ class _Planner:
             if isinstance(module, ResnetBlock2D):
                 reason = resnet_block_unsupported_reason(module)  # hooks on bypassed modules included
                 self.add(path, "resnet", reason, None if reason else (lambda m=module: fuse_resnet_block(m)))
+                if reason is None:
+                    self.blocks.append((path, "resnet", module))
             if type(module).forward in _NORM_ACT_FORWARDS:
                 self._plan_norm_act(path, module)
 
@@ -234,13 +264,11 @@ class _Planner:
             self.add(where, "group_norm_silu", reason)
             return
 
-        def apply(norm=norm, prefix=prefix):
-            # shares the GroupNorm's Parameters: the same state-dict keys, gradients land on the originals
-            undo_norm = _replace(self.model, f"{prefix}conv_norm_out", GroupNormSiLU.from_group_norm(norm))
-            undo_act = _replace(self.model, f"{prefix}conv_act", nn.Identity())
-            return lambda: (undo_act(), undo_norm())
-
-        self.add(where, "group_norm_silu", None, apply)
+        # shares the GroupNorm's Parameters: the same state-dict keys, gradients land on the originals
+        fused = GroupNormSiLU.from_group_norm(norm)
+        object.__setattr__(fused, "_nk_original", (norm, act))  # unregistered: for revert / unpatch of copies
+        self.add(where, "group_norm_silu", None, lambda: _install_norm_act(owner, fused))
+        self.blocks.append((where, "group_norm_silu", fused))
 
     # ---------------------------------------------------------------------------------------------- run
     def run(self, strict: bool) -> PatchHandle:
@@ -257,6 +285,7 @@ class _Planner:
             handle.revert()
             raise
         handle.report = [(path, what, reason or PATCHED) for path, what, reason in self.rows]
+        handle._blocks = list(self.blocks)
         for module in self.model.modules():
             _LIVE[module] = handle
         for path, what, reason in unsupported:
@@ -274,7 +303,7 @@ def _attention_reason(attn: nn.Module, processor_cls) -> str | None:
     if reason:
         return reason
     processor = attn.get_processor()
-    if type(processor) not in _STOCK_PROCESSORS:
+    if not any(type(processor) is stock for stock in _STOCK_PROCESSORS):  # identity: ours compares equal
         return (f"processor {type(processor).__name__} is not AttnProcessor2_0 / AttnProcessor "
                 f"(custom processors are kept)")
     if getattr(attn, "fused_projections", False):
@@ -286,34 +315,134 @@ def _attention_reason(attn: nn.Module, processor_cls) -> str | None:
 
 
 def _install_processors(model: nn.Module, chosen: dict[str, nn.Module], processor_cls) -> Callable[[], None]:
-    """Give each chosen Attention module a NitroAttnProcessor; returns the undo (originals put back)."""
-    originals = {path: module.get_processor() for path, module in chosen.items()}
-    processor = processor_cls()  # one instance serves every module (its state is keyed per module)
+    """Give each chosen Attention module a NitroAttnProcessor; returns the undo, which puts the original back
+    only where the processor is still this one (a processor the user installed since is kept)."""
+    # no fused-QKV cache: peft's fuse_lora / unload write merged weights through `.data`, which no cheap check
+    # sees (see nitrokernels.nn.attention); the per-call concatenation always reads the current weights
+    processor = processor_cls(cache_fused_qkv=False)  # one instance serves every module
+    for module in chosen.values():
+        # kept on the module (not registered: processors are plain objects) so that copies can be unpatched
+        object.__setattr__(module, "_nk_original_processor", module.get_processor())
     if hasattr(model, "set_attn_processor") and hasattr(model, "attn_processors"):
         current = model.attn_processors
-        keys = {f"{path}.processor": path for path in chosen}
-        missing = set(keys) - set(current)
-        if not missing:
+        keys = {f"{path}.processor" for path in chosen}
+        if not keys - set(current):
             new = dict(current)
             for key in keys:
                 new[key] = processor
             model.set_attn_processor(new)
+        else:  # unexpected naming: per module
+            for module in chosen.values():
+                module.set_processor(processor)
+    else:  # no set_attn_processor on this model: per module
+        for module in chosen.values():
+            module.set_processor(processor)
 
-            def undo():
-                restore = dict(model.attn_processors)
-                for key, path in keys.items():
-                    restore[key] = originals[path]
-                model.set_attn_processor(restore)
+    def undo():
+        for module in chosen.values():
+            _restore_processor(module, only=processor)
 
-            return undo
-    for module in chosen.values():  # no set_attn_processor on this model (or unexpected naming): per module
-        module.set_processor(processor)
+    return undo
 
-    def undo_each():
-        for path, module in chosen.items():
-            module.set_processor(originals[path])
 
-    return undo_each
+def _restore_processor(attn: nn.Module, only=None) -> bool:
+    """Put back the processor NitroAttnProcessor replaced on `attn`, if the current one is ours (`only`, or any
+    NitroAttnProcessor); a processor installed later by the user is kept. True when something was restored."""
+    from nitrokernels.nn.attention import NitroAttnProcessor
+
+    original = attn.__dict__.pop("_nk_original_processor", None)
+    current = attn.get_processor() if hasattr(attn, "get_processor") else getattr(attn, "processor", None)
+    ours = current is only if only is not None else type(current) is NitroAttnProcessor
+    if not ours:
+        return False
+    attn.set_processor(original if original is not None else AttnProcessor2_0())
+    return True
+
+
+def _install_geglu(model: nn.Module, path: str, fused: nn.Module) -> Callable[[], None]:
+    parent, name = _child(model, path)
+    setattr(parent, name, fused)
+    return lambda: _restore_geglu(parent, name, fused)
+
+
+def _restore_geglu(parent: nn.Module, name: str, fused: nn.Module) -> bool:
+    """Put the original GEGLU back in place of `fused` (if `fused` is still there), with fused's current `proj`
+    (the same Linear, or whatever wrapped it since: a LoRA layer stays)."""
+    original = fused.__dict__.get("_nk_original")
+    if original is None or getattr(parent, name, None) is not fused:
+        return False
+    if original.proj is not fused.proj:
+        original.proj = fused.proj
+    original.train(fused.training)
+    setattr(parent, name, original)
+    return True
+
+
+def _install_norm_act(owner: nn.Module, fused: nn.Module) -> Callable[[], None]:
+    setattr(owner, "conv_norm_out", fused)
+    setattr(owner, "conv_act", nn.Identity())
+    return lambda: _restore_norm_act(owner, fused)
+
+
+def _restore_norm_act(owner: nn.Module, fused: nn.Module) -> bool:
+    """Put the original GroupNorm + SiLU back in place of `fused` (+ its Identity), carrying over the parameters
+    fused holds now (load_state_dict(assign=True) gives it new tensors)."""
+    original = fused.__dict__.get("_nk_original")
+    if original is None or getattr(owner, "conv_norm_out", None) is not fused:
+        return False
+    norm, act = original
+    for name in ("weight", "bias"):
+        if norm._parameters.get(name) is not fused._parameters.get(name):
+            norm._parameters[name] = fused._parameters.get(name)
+    norm.train(fused.training)
+    owner.conv_norm_out = norm
+    if type(getattr(owner, "conv_act", None)) is nn.Identity:
+        owner.conv_act = act
+    return True
+
+
+def unpatch(model: nn.Module) -> int:
+    """Take nitrokernels' fused blocks out of `model` -- also a deepcopy or an unpickled copy of a patched
+    model, which no handle knows about. A model with a live handle is reverted through it. Returns the number of
+    blocks restored. Processors the user installed after patching are kept."""
+    from nitrokernels.nn.attention import NitroAttnProcessor
+    from nitrokernels.nn.geglu import FusedGEGLU
+    from nitrokernels.nn.group_norm import GroupNormSiLU
+    from nitrokernels.nn.resnet import _is_fused
+
+    model = getattr(model, "_orig_mod", model)
+    handle = _LIVE.get(model)
+    if handle is not None and not handle.reverted and handle.model is model:
+        n = len(handle.patched)
+        handle.revert()
+        return n
+    restored = 0
+    for path, module in list(model.named_modules()):
+        parent, name = _child(model, path) if path else (None, "")
+        if isinstance(module, FusedGEGLU) and parent is not None:
+            restored += _restore_geglu(parent, name, module)
+        elif isinstance(module, GroupNormSiLU) and parent is not None and name == "conv_norm_out":
+            restored += _restore_norm_act(parent, module)
+        if _is_fused(module):
+            del module.__dict__["forward"]
+            restored += 1
+        processor = module.__dict__.get("processor")
+        if type(processor) is NitroAttnProcessor or "_nk_original_processor" in module.__dict__:
+            restored += _restore_processor(module)
+    return restored
+
+
+def _carries_fused_blocks(model: nn.Module) -> str | None:
+    from nitrokernels.nn.attention import NitroAttnProcessor
+    from nitrokernels.nn.geglu import FusedGEGLU
+    from nitrokernels.nn.group_norm import GroupNormSiLU
+    from nitrokernels.nn.resnet import _is_fused
+
+    for path, module in model.named_modules():
+        if (isinstance(module, FusedGEGLU) or isinstance(module, GroupNormSiLU)) and "_nk_original" in module.__dict__ \
+                or _is_fused(module) or type(module.__dict__.get("processor")) is NitroAttnProcessor:
+            return path or "the model itself"
+    return None
 
 
 def _refuse_if_patched(model: nn.Module, caller: str):
@@ -323,6 +452,11 @@ def _refuse_if_patched(model: nn.Module, caller: str):
             where = "the model" if module is model else f"its submodule {path}"
             raise AlreadyPatchedError(f"{caller}: {where} is already patched by nitrokernels (patch of "
                                       f"{type(handle.model).__name__}); call handle.revert() before patching again")
+    where = _carries_fused_blocks(model)
+    if where is not None:
+        raise AlreadyPatchedError(f"{caller}: {where} carries nitrokernels' fused blocks but no live patch owns it "
+                                  f"(a deepcopy / unpickled copy of a patched model?); call "
+                                  f"nitrokernels.patch.unpatch(model) first")
 
 
 def _patch(model: nn.Module, caller: str, *, attention: bool, group_norm: bool, geglu: bool,

@@ -17,13 +17,25 @@ Differences, all invisible in the result:
     Q, K and V with ONE GEMM over the concatenated weights ("fused QKV"):
       - when autograd needs the weights' gradients (training), or under torch.compile, the weights are
         concatenated inside the graph on every call (gradients flow back to to_q / to_k / to_v unchanged);
-      - otherwise (inference, frozen weights) the concatenation is cached per Attention module and keyed on
-        every weight's and bias's (data_ptr, _version, dtype, device): an optimiser step, load_state_dict,
-        .to() or any in-place write through the parameter bumps _version or moves the storage and the next
-        call rebuilds the cache, so updated weights are never served stale. Writes through `.data` bypass
-        version counting: call `clear_cache()` after those. A CUDA graph captured while the cache was valid
-        replays the cached copy: re-capture the graph after changing the weights. The cache costs one extra
-        copy of the QKV weights (about 0.5 GB for an SDXL UNet in bf16); pass cache_fused_qkv=False to avoid it.
+      - otherwise (inference, frozen weights) with cache_fused_qkv=True the concatenation is cached per
+        Attention module and keyed on every weight's and bias's identity (a weak reference: load_state_dict(
+        assign=True) and `.data = new` give new tensors), (data_ptr, _version, dtype, device): an optimiser
+        step, load_state_dict, .to() or any in-place write through the parameter bumps _version or moves the
+        storage and the next call rebuilds the cache. Writes through `.data` (peft's merge / fuse_lora and
+        unmerge do this) bypass version counting and cannot be seen cheaply -- no check short of reading every
+        weight (which costs as much as the concatenation the cache saves) detects them. So the cache is for
+        callers who own the weights: call `clear_cache()` after writes through `.data`. `patch_unet` /
+        `patch_vae` install the processor with cache_fused_qkv=False (the weights are concatenated on every
+        call: always the current weights, whatever the user does to the model). A CUDA graph captured while
+        the cache was valid replays the cached copy: re-capture the graph after changing the weights. The
+        cache costs one extra copy of the QKV weights (about 0.5 GB for an SDXL UNet in bf16).
+  * to_q / to_k / to_v wrapped (a LoRA layer), hooked (offloading, layerwise casting), offloaded to meta, or
+    stored in a dtype other than the input's: Q, K and V are computed by calling the modules (what
+    AttnProcessor2_0 does), checked on every call; the reason is recorded (nitrokernels.nn._calltime).
+
+diffusers' `set_default_attn_processor()` decides by `processor.__class__ in CROSS_ATTENTION_PROCESSORS`; as a
+drop-in for AttnProcessor2_0, NitroAttnProcessor's class compares equal to AttnProcessor2_0 in such class
+membership tests (class equality only: `type(p) is NitroAttnProcessor`, isinstance and hashing are unchanged).
 """
 from __future__ import annotations
 
@@ -33,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nitrokernels.nn import _calltime
 from nitrokernels.ops.attention import attention
 
 _DEPRECATION = ("The `scale` argument is deprecated and will be ignored. Please remove it, as passing it will "
@@ -66,8 +79,51 @@ def fused_qkv_supported(attn) -> bool:
     return all(_plain_tensor(b) and b.dtype == q.weight.dtype for b in biases)
 
 
-class NitroAttnProcessor:
+def _stands_in_for():
+    try:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+    except ImportError:  # pragma: no cover - diffusers is what calls processors
+        return None
+    return AttnProcessor2_0
+
+
+def _fused_qkv_now(attn, hidden_states) -> bool:
+    """Call-time check of the fused-QKV path: the projections are still plain, hook-free nn.Linear with weights
+    in the input's dtype / device; otherwise the reason is recorded and Q, K, V go through the modules."""
+    if fused_qkv_supported(attn):
+        reason = _calltime.tensors_bypass_reason((attn.to_q.weight, attn.to_q.bias), hidden_states, "to_q")
+        if reason is None:
+            return True
+    else:
+        reason = None
+        for name in ("to_q", "to_k", "to_v"):
+            reason = _calltime.linear_bypass_reason(getattr(attn, name), None, name)
+            if reason is not None:
+                break
+        if reason is None:
+            return False  # structurally not fusable (shapes / dtypes differ): nothing was bypassed
+    _calltime.record(attn, "attention", f"fused QKV not used, Q/K/V computed through the modules: {reason}")
+    return False
+
+
+class _StandsInForAttnProcessor2_0(type):
+    """Metaclass: the class compares equal to diffusers' AttnProcessor2_0 (see the module docstring)."""
+
+    def __eq__(cls, other):
+        if type.__eq__(cls, other) is True:
+            return True
+        return other is not None and other is _stands_in_for() and cls.__dict__.get("_STANDS_IN", False)
+
+    def __ne__(cls, other):
+        return not cls.__eq__(other)
+
+    __hash__ = type.__hash__
+
+
+class NitroAttnProcessor(metaclass=_StandsInForAttnProcessor2_0):
     """Drop-in for AttnProcessor2_0 (and AttnProcessor) on diffusers' `Attention`."""
+
+    _STANDS_IN = True
 
     def __init__(self, fuse_qkv: bool = True, cache_fused_qkv: bool = True):
         self.fuse_qkv = fuse_qkv
@@ -128,13 +184,15 @@ class NitroAttnProcessor:
             return self._concat(params, has_bias)
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         entry = self._cache.get(attn)
-        if entry is not None and entry[0] == key and not (entry[1].is_inference()
-                                                          and not torch.is_inference_mode_enabled()):
+        if entry is not None and entry[0] == key and all(ref() is p for ref, p in zip(entry[3], params)) \
+                and not (entry[1].is_inference() and not torch.is_inference_mode_enabled()):
             return entry[1], entry[2]
         with torch.no_grad():
             weight, bias = self._concat(params, has_bias)
         if not (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
-            self._cache[attn] = (key, weight, bias)  # never keep memory that belongs to a graph's pool
+            # never keep memory that belongs to a graph's pool; weak references: the very same tensors (a new
+            # tensor may reuse a freed one's address), without keeping replaced weights alive
+            self._cache[attn] = (key, weight, bias, tuple(weakref.ref(p) for p in params))
         return weight, bias
 
     @staticmethod
@@ -183,7 +241,7 @@ class NitroAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        if encoder_hidden_states is None and self.fuse_qkv and fused_qkv_supported(attn):
+        if encoder_hidden_states is None and self.fuse_qkv and _fused_qkv_now(attn, hidden_states):
             weight, bias = self._fused_weights(attn)
             query, key, value = F.linear(hidden_states, weight, bias).chunk(3, dim=-1)
         else:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nitrokernels.nn import _calltime
 from nitrokernels.ops.geglu import geglu
 
 
@@ -39,6 +40,9 @@ class FusedGEGLU(nn.Module):
         nn.Module.__init__(fused)
         fused.proj = proj
         fused.train(module.training)
+        # the module it stands in for, unregistered (not a child: no state-dict keys, not moved by .to()); it
+        # travels with deepcopy / pickle so `nitrokernels.patch.unpatch` can put it back on any copy
+        object.__setattr__(fused, "_nk_original", module)
         return fused
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -46,9 +50,12 @@ class FusedGEGLU(nn.Module):
             warnings.warn("FusedGEGLU: the `scale` argument is deprecated in diffusers and ignored",
                           FutureWarning, stacklevel=2)
         proj = self.proj
-        if type(proj) is not nn.Linear or proj._forward_hooks or proj._forward_pre_hooks or "forward" in proj.__dict__:
-            # proj was wrapped or hooked after fusing (a LoRA layer, an offload or casting hook): the fused op
-            # would read proj.weight directly and skip it -- run diffusers' GEGLU math through the module
+        reason = _calltime.linear_bypass_reason(proj, hidden_states, "proj")
+        if reason is not None:
+            # proj was wrapped or hooked after fusing (a LoRA layer, an offload or casting hook), or its weights
+            # are offloaded / stored in another dtype: the fused op would read proj.weight directly and skip
+            # all that -- run diffusers' GEGLU math through the module for this call
+            _calltime.record(self, "geglu", reason)
             hidden, gate = proj(hidden_states).chunk(2, dim=-1)
             return hidden * F.gelu(gate)
         return geglu(hidden_states, proj.weight, proj.bias)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nitrokernels.nn import _calltime
 from nitrokernels.ops.group_norm import group_norm_silu
 
 __all__ = ["GroupNormSiLU"]
@@ -22,6 +23,28 @@ def _check_eps(owner: str, eps) -> None:
 
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{owner}: eps must be a finite number >= 0, got {eps!r}")
+
+
+_NORM_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def norm_bypass_reason(norm: nn.Module, x: torch.Tensor, name: str) -> str | None:
+    """Why group_norm_silu cannot read `norm`'s weight / bias for input `x` (meta / other device / a storage dtype
+    the kernels do not take), or None. Parameters may be x's dtype or float32 (mixed precision)."""
+    if x.dtype not in _NORM_X_DTYPES:
+        return f"input dtype {x.dtype}"
+    for t in (norm.weight, norm.bias):
+        if t is None:
+            continue
+        if type(t) not in (torch.Tensor, nn.Parameter):
+            return f"{name} holds a {type(t).__name__} (tensor subclass)"
+        if t.device.type == "meta":
+            return f"{name} has parameters on the meta device (offloaded)"
+        if t.device != x.device:
+            return f"{name} has parameters on {t.device}, the input is on {x.device}"
+        if t.dtype not in (x.dtype, torch.float32):
+            return f"{name} stores {t.dtype}, the input is {x.dtype}"
+    return None
 
 
 class GroupNormSiLU(nn.Module):
@@ -66,6 +89,13 @@ class GroupNormSiLU(nn.Module):
         return fused
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        reason = norm_bypass_reason(self, x, "the GroupNorm")
+        if reason is not None:  # offloaded / other storage dtype: torch's own computation for this call
+            _calltime.record(self, "group_norm_silu", reason)
+            if temb is not None:
+                x = x + temb.reshape(temb.shape[0], temb.shape[1], *([1] * (x.dim() - 2)))
+            y = torch.nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            return torch.nn.functional.silu(y) if self.act is not None else y
         return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, temb=temb, act=self.act)
 
     def extra_repr(self) -> str:

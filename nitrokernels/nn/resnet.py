@@ -31,11 +31,13 @@ call (norm1, norm2, nonlinearity). Calls that pass the deprecated `scale` argume
 """
 from __future__ import annotations
 
-import types
 from typing import Callable
 
+import torch
 from torch import nn
 
+from nitrokernels.nn import _calltime
+from nitrokernels.nn.group_norm import norm_bypass_reason
 from nitrokernels.ops.group_norm import group_norm_silu
 
 __all__ = ["fuse_resnet_block", "resnet_block_unsupported_reason"]
@@ -60,9 +62,12 @@ def _fused_forward(self, input_tensor, temb, *args, **kwargs):
             self.time_emb_proj is None and temb is not None and self.time_embedding_norm == "default"):
         # deprecated `scale` (the original warns), or a raw temb added without projection: the original's job
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
-    if _bypassed_now(self) is not None:
-        # changed since fusing (hooks added, a norm / the activation replaced, e.g. by layerwise casting):
-        # the fused path would skip what was added -- run the original computation
+    reason = _bypassed_now(self, input_tensor)
+    if reason is not None:
+        # changed since fusing (hooks added, a norm / the activation replaced or wrapped, offloaded or
+        # re-typed norm parameters, e.g. by accelerate / diffusers hooks): the fused path would skip or misread
+        # what was added -- run the original computation for this call
+        _calltime.record(self, "resnet", reason)
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
     norm1, norm2 = self.norm1, self.norm2
     hidden_states = group_norm_silu(input_tensor, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps)
@@ -84,7 +89,18 @@ def _fused_forward(self, input_tensor, temb, *args, **kwargs):
             temb = self.nonlinearity(temb)
         temb = self.time_emb_proj(temb)  # [N, C]: group_norm_silu broadcasts it over space itself
     add = temb if self.time_embedding_norm == "default" and temb is not None else None
-    hidden_states = group_norm_silu(hidden_states, norm2.num_groups, norm2.weight, norm2.bias, norm2.eps, temb=add)
+    reason = norm_bypass_reason(norm2, hidden_states, "norm2")
+    if reason is None and add is not None and (add.dtype not in (hidden_states.dtype, torch.float32)
+                                               or add.device != hidden_states.device):
+        reason = f"the time embedding is {add.dtype} on {add.device}, the features {hidden_states.dtype}"
+    if reason is None:
+        hidden_states = group_norm_silu(hidden_states, norm2.num_groups, norm2.weight, norm2.bias, norm2.eps,
+                                        temb=add)
+    else:  # conv1 / time_emb_proj returned something the kernel does not take: diffusers' own second half
+        _calltime.record(self, "resnet", reason)
+        if add is not None:
+            hidden_states = hidden_states + add[:, :, None, None]
+        hidden_states = self.nonlinearity(norm2(hidden_states))
 
     hidden_states = self.dropout(hidden_states)
     hidden_states = self.conv2(hidden_states)
@@ -99,23 +115,57 @@ def _fused_forward(self, input_tensor, temb, *args, **kwargs):
     return (input_tensor + hidden_states).div_(self.output_scale_factor)
 
 
+class _FusedForward:
+    """The fused forward installed as `block.forward`: a picklable / deep-copyable callable (a bound method of a
+    module-level function does not unpickle), holding its block."""
+
+    __slots__ = ("block",)
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+    def __call__(self, *args, **kwargs):
+        return _fused_forward(self.block, *args, **kwargs)
+
+    def __reduce__(self):
+        return (_FusedForward, (self.block,))
+
+    def __repr__(self) -> str:
+        return f"<nitrokernels fused forward of {type(self.block).__name__}>"
+
+
 def _is_fused(block: nn.Module) -> bool:
-    return getattr(block.__dict__.get("forward"), "__func__", None) is _fused_forward
+    return isinstance(block.__dict__.get("forward"), _FusedForward)
 
 
-def _bypassed_now(block: nn.Module) -> str | None:
-    """The call-time part of resnet_block_unsupported_reason: what the fused forward would bypass now."""
-    if type(block.nonlinearity) is not nn.SiLU:
-        return "nonlinearity"
+def _hooked(module: nn.Module) -> bool:
+    return _has_hooks(module) or "forward" in module.__dict__
+
+
+def _bypassed_now(block: nn.Module, x: torch.Tensor | None = None) -> str | None:
+    """The call-time part of resnet_block_unsupported_reason: what the fused forward would bypass now.
+
+    Cheap by design (a few attribute reads on norm1 / norm2 / nonlinearity and their parameters, no tree walk):
+    hooks (including accelerate's and diffusers' hook registries, which replace `forward` on the instance),
+    a norm or the activation replaced (type no longer exactly nn.GroupNorm / nn.SiLU: a wrapper, a LoRA layer),
+    parameters on the meta device (offloaded), on another device or in a dtype the kernels do not take."""
+    nonlinearity = block.nonlinearity
+    if type(nonlinearity) is not nn.SiLU:
+        return f"nonlinearity is {type(nonlinearity).__name__}, not nn.SiLU"
+    if _hooked(nonlinearity):
+        return "hooks on nonlinearity"
     for name in ("norm1", "norm2"):
         norm = getattr(block, name)
-        if type(norm) is not nn.GroupNorm or "forward" in norm.__dict__:
-            return name
-    for name in ("norm1", "norm2", "nonlinearity"):
-        if _has_hooks(getattr(block, name)):
-            return name
+        if type(norm) is not nn.GroupNorm:
+            return f"{name} is {type(norm).__module__}.{type(norm).__qualname__}, not nn.GroupNorm"
+        if _has_hooks(norm):
+            return f"hooks on {name}"
+        if "forward" in norm.__dict__:
+            return f"{name}.forward was replaced on the instance (accelerate / diffusers hooks: offloading, casting)"
     if block.time_embedding_norm == "scale_shift":
-        return "time_embedding_norm"
+        return "time_embedding_norm='scale_shift'"
+    if x is not None:
+        return norm_bypass_reason(block.norm1, x, "norm1")
     return None
 
 
@@ -156,7 +206,7 @@ def fuse_resnet_block(block: nn.Module) -> Callable[[], None]:
     reason = resnet_block_unsupported_reason(block)
     if reason is not None:
         raise ValueError(f"fuse_resnet_block: {reason}")
-    fused = types.MethodType(_fused_forward, block)
+    fused = _FusedForward(block)
     block.forward = fused
 
     def undo() -> None:
