@@ -178,7 +178,8 @@ def check_common_args(args) -> None:
             raise UsageError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
         if dev.type == "cuda":
             if not torch.cuda.is_available():
-                raise UsageError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+                why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is available here"
+                raise UsageError(f"--device {device}: {why} (use --device cpu)")
             if dev.index is not None and dev.index >= torch.cuda.device_count():
                 raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
         elif dev.type not in ("cpu", "cuda", "mps", "xpu"):

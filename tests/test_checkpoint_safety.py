@@ -351,3 +351,31 @@ def test_shipped_assets_carry_a_verified_digest():
 
     for name in (digits.TEACHER_ASSET, digits.STUDENT_ASSET, digits.CLASSIFIER_ASSET):
         assert verify_safetensors(digits.asset_path(name)) is True, name
+
+
+def test_generate_unet_checkpoint_cannot_run_code(tmp_path, trained, capsys):
+    """`nitrokernels generate --unet checkpoint.pt` and load_pipeline's read_unet_state read checkpoints with
+    weights_only=True and their digest: a pickled exploit is refused (exit 2, one line) and never runs; an edited
+    student tensor fails the digest."""
+    from nitrokernels import cli
+    from nitrokernels.nitro.pipeline import UNetWeightsError, read_unet_state
+
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt"
+    state = torch.load(trained[0], weights_only=True)
+    state["history"] = [Exploit(str(marker))]
+    torch.save(state, evil)
+    assert cli.main(["generate", "--prompt", "7", "--unet", str(evil), "--device", "cpu", "--no-patch",
+                     "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "pickled Python objects" in err and "refused" in err and "Traceback" not in err
+    assert not marker.exists(), "generate --unet ran code from an untrusted checkpoint"
+    with pytest.raises(UNetWeightsError, match="pickled Python objects"):
+        read_unet_state(evil)
+    assert not marker.exists()
+    rewrite(trained[0], tmp_path / "edited.pt", lambda s: s["student"]["conv_in.weight"].add_(1e-3), redigest=False)
+    with pytest.raises(UNetWeightsError, match="corrupt"):
+        read_unet_state(tmp_path / "edited.pt")
+    state, info = read_unet_state(trained[0])            # the genuine file: the student's tensors
+    assert info["source"] == "checkpoint" and torch.equal(state["conv_in.weight"],
+                                                          torch.load(trained[0], weights_only=True)["student"]["conv_in.weight"])

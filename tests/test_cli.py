@@ -87,7 +87,7 @@ def test_bad_common_options_are_refused_without_a_traceback(capsys, tmp_path):
     _refused(capsys, ["demo", "--threads", "-1"], "--threads must be >= 1, got -1")
     _refused(capsys, ["demo", "--threads", "0"], "--threads must be >= 1, got 0")
     if not torch.cuda.is_available():
-        _refused(capsys, ["demo", "--device", "cuda"], "no CUDA GPU")
+        _refused(capsys, ["demo", "--device", "cuda"], "--device cuda: ", "(use --device cpu)")
     _refused(capsys, ["demo", "--save-student", str(afile / "s.safetensors")], f"{afile} is a file")
 
 
@@ -158,3 +158,66 @@ def test_a_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
     monkeypatch.setattr(generate, "run", lambda args: __import__("no_such_module_xyz"))
     with pytest.raises(ModuleNotFoundError):        # not an optional dependency: a real bug, raised
         cli.main(["generate", "--prompt", "7"])
+
+
+# ------------------------------------------------------------------ generate --unet: a run's student weights
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A 1-iteration `nitrokernels distill --preset digits` run folder (checkpoint.pt, student/, config.json):
+    `nitrokernels demo --out` writes the same NitroDistiller checkpoint.pt."""
+    pytest.importorskip("diffusers")
+    out = tmp_path_factory.mktemp("digits_run") / "run"
+    assert cli.main(["distill", "--preset", "digits", "--batch-size", "2", "--steps", "1", "--regression-steps", "1",
+                     "--no-progress", "--out", str(out)]) == 0
+    return out
+
+
+def test_generate_unet_takes_a_runs_checkpoint_folder_and_safetensors(digits_run, tmp_path, capsys):
+    """--unet <out>/checkpoint.pt, <out>/student and the .safetensors inside give the same image, from the
+    checkpoint's student weights (in the digits UNet, with the shipped encoder) and the run's shift."""
+    import argparse
+
+    from nitrokernels.nitro import generate
+
+    checkpoint = torch.load(digits_run / "checkpoint.pt", weights_only=True)
+    pngs = []
+    for i, unet in enumerate([digits_run / "checkpoint.pt", digits_run / "student",
+                              digits_run / "student" / "diffusion_pytorch_model.safetensors"]):
+        out = tmp_path / str(i)
+        assert cli.main(["generate", "--prompt", "7", "--unet", str(unet), "--no-patch", "--device", "cpu",
+                         "--out", str(out)]) == 0, capsys.readouterr().err
+        pngs.append((out / "7-1step-seed0.png").read_bytes())
+        args = argparse.Namespace(unet=str(unet), lora=None, fuse_lora=False, unet_sha256=None)
+        model, _, shift = generate._load_digits_unet(args, torch.device("cpu"), torch.float32)
+        assert shift == checkpoint["config"]["shift"]
+        for key, value in checkpoint["student"].items():
+            assert torch.equal(model.state_dict()[key], value), (unet, key)
+    assert pngs[0] == pngs[1] == pngs[2]
+    _refused(capsys, ["generate", "--prompt", "7", "--unet", str(tmp_path / "nope.pt"), "--out", str(tmp_path)],
+             "--unet", "does not exist")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    _refused(capsys, ["generate", "--prompt", "7", "--unet", str(tmp_path / "garbage.pt"), "--out", str(tmp_path)],
+             "garbage.pt", "not a .safetensors file, a UNet folder or a torch checkpoint")
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "3"], ["demo"],
+                                     ["distill", "--preset", "digits", "--steps", "1"]])
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_device_cuda_without_cuda_is_one_line(monkeypatch, capsys, tmp_path, command, device):
+    """On a CPU-only torch (or machine) every command taking --device says so in one line, exit 2."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _refused(capsys, command + ["--device", device, "--out", str(tmp_path / "o")], f"--device {device}", "CUDA",
+             "--device cpu")
+
+
+def test_generate_module_and_load_pipeline_refuse_cuda_without_cuda(monkeypatch, capsys, tmp_path):
+    from nitrokernels.nitro import generate
+    from nitrokernels.nitro.pipeline import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert generate.main(["--prompt", "3", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "device 'cuda'" in err and "CUDA" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="device 'cuda:1'.*CUDA"):
+        resolve_device("cuda:1")
+    assert resolve_device(None).type == "cpu"

@@ -542,3 +542,36 @@ def test_tiny_sd15_pipeline_folder_with_vae_grids(tmp_path, capsys):
     torch.testing.assert_close(ehs[1:2], ref)
     grid = Image.open(out / "samples_000001.png")
     assert grid.mode == "RGB" and grid.size == ((2 * (32 + 1) + 1) * 4, (32 + 1 + 1) * 4)   # VAE-decoded 32x32
+
+
+def test_lora_distill_then_generate_lora_equals_the_in_memory_student(tmp_path, capsys, monkeypatch):
+    """distill --preset digits --lora-rank (2 iterations) -> generate --lora <out>/student_lora draws the image the
+    trained in-memory student draws (same sampler, seed, shift); --fuse-lora the same within fp32 rounding."""
+    pytest.importorskip("peft")
+    import numpy as np
+    from PIL import Image
+
+    from nitrokernels.nitro import digits, generate
+
+    students = []
+    add_lora = distill_cli.add_lora
+    monkeypatch.setattr(distill_cli, "add_lora", lambda unet, lora: students.append(add_lora(unet, lora)) or unet)
+    out = tmp_path / "run"
+    assert run_cli("--preset", "digits", "--batch-size", 2, "--steps", 2, *WARMUP, "--lora-rank", 2,
+                   "--lr-student", 1e-2, "--no-progress", "--out", out) == 0, capsys.readouterr().err
+    (student,) = students
+    assert (out / "student_lora" / "lora_config.json").exists()
+    assert max(p.abs().max().item() for n, p in student.named_parameters() if "lora_B" in n) > 0  # it trained
+
+    def draw(folder, *extra):
+        assert cli.main(["generate", "--prompt", "7", "--steps", "2", "--no-patch", "--device", "cpu",
+                         "--out", str(folder), *extra]) == 0, capsys.readouterr().err
+        return np.asarray(Image.open(folder / "7-2step-seed0.png")).astype(int)
+
+    loaded = draw(tmp_path / "loaded", "--lora", str(out / "student_lora"))
+    fused = draw(tmp_path / "fused", "--lora", str(out / "student_lora"), "--fuse-lora")
+    _, encoder, _ = digits.load_pretrained_teacher()
+    monkeypatch.setattr(generate, "_load_digits_unet", lambda args, device, dtype: (student.eval(), encoder, None))
+    in_memory = draw(tmp_path / "in_memory")
+    assert np.array_equal(loaded, in_memory)
+    assert np.abs(fused - in_memory).max() <= 1  # one 8-bit level: merged weights round differently

@@ -307,6 +307,66 @@ def test_generate_errors(tiny, tmp_path, capsys):
     assert "shift" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------- a run's student: folder, checkpoint, LoRA
+def test_unet_weights_from_a_unet_folder_and_a_checkpoint(tiny, plain, tmp_path):
+    """unet_weights= a save_pretrained UNet folder (<out>/student) or a NitroDistiller checkpoint.pt (its student,
+    read weights_only with its digest; shift=None takes the checkpoint's shift) give the plain pipeline's images."""
+    from diffusers import UNet2DConditionModel
+
+    from nitrokernels.nitro.distiller import CHECKPOINT_FORMAT, state_digest
+
+    base, unet_file = tiny
+    student = load_file(unet_file)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(base, "unet"))
+    unet.load_state_dict(student)
+    unet.save_pretrained(tmp_path / "student")
+    state = {"format": CHECKPOINT_FORMAT, "config": {"shift": 500}, "step": 3, "student": student}
+    state["digest"] = state_digest(state)
+    torch.save(state, tmp_path / "checkpoint.pt")
+    expected = images(plain, 1)
+    for weights, shift in ((tmp_path / "student", SHIFT), (tmp_path / "checkpoint.pt", None)):
+        pipe = load_pipeline(base, unet_weights=weights, shift=shift, device="cpu", patch=False)
+        assert pipe.scheduler.config.shift == (SHIFT if shift else 500)
+        pipe.scheduler = TimestepShiftLCMScheduler.from_config(pipe.scheduler.config, shift=SHIFT)
+        torch.testing.assert_close(images(pipe, 1), expected, rtol=0, atol=2e-5)
+    with pytest.raises(UNetWeightsError, match="UNet folder"):
+        load_pipeline(base, unet_weights=tmp_path, device="cpu", patch=False)   # a folder without config.json
+
+
+def test_lora_adapter_loads_into_the_pipeline_unet(tiny, tmp_path, capsys):
+    """load_pipeline(lora=<distill --lora-rank's student_lora>) equals the in-memory LoRA student; fuse_lora merges
+    it (no peft layers left, same images); `generate --lora` runs it. The adapter is written by the distill
+    command's own saver (save_lora_student) from a peft-wrapped base UNet with trained-looking (non-zero) B."""
+    pytest.importorskip("peft")
+    from nitrokernels.nitro import distill_cli
+
+    base, _ = tiny
+    lora = {"rank": 2, "alpha": 4.0, "targets": list(distill_cli.LORA_TARGETS)}
+    ref = StableDiffusionXLPipeline.from_pretrained(base, local_files_only=True)
+    distill_cli.add_lora(ref.unet, lora)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in ref.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    folder = distill_cli.save_lora_student(ref.unet, str(tmp_path / "student_lora"), lora)
+    ref.scheduler = TimestepShiftLCMScheduler.from_config(ref.scheduler.config, shift=SHIFT, timesteps_mode="model")
+    ref.set_progress_bar_config(disable=True)
+    expected = images(ref, 1)
+    base_only = images(load_pipeline(base, shift=SHIFT, device="cpu", patch=False), 1)
+    assert (expected - base_only).abs().max() > 1e-3          # the adapter matters
+    pipe = load_pipeline(base, shift=SHIFT, device="cpu", patch=True, lora=folder)
+    torch.testing.assert_close(images(pipe, 1), expected, rtol=0, atol=2e-5)
+    fused = load_pipeline(base, shift=SHIFT, device="cpu", patch=False, lora=folder, fuse_lora=True)
+    assert not any("lora" in k or "base_layer" in k for k in fused.unet.state_dict())
+    torch.testing.assert_close(images(fused, 1), expected, rtol=0, atol=1e-4)
+    with pytest.raises(FileNotFoundError, match="LoRA adapter"):
+        load_pipeline(base, device="cpu", lora=tmp_path / "nope")
+    args = cli_args(prompt="a fox", out=tmp_path / "o", model=base, lora=folder, device="cpu", no_patch=True)
+    assert generate.run(args) == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "o").glob("*.png"))) == 1
+
+
 # ------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_cuda_graph_replay_matches_eager_gpu(tiny):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -416,14 +415,9 @@ def _weights_in(folder: str) -> str | None:
 
 
 def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{what} {path}: not a readable JSON file ({err})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{what} {path}: expected a JSON object")
-    return data
+    from nitrokernels.nitro.pipeline import read_json_object
+
+    return read_json_object(path, what, error=UsageError)
 
 
 def resolve_unet(path: str, unet_config: str | None, pipeline: str | None, role: str,
@@ -511,11 +505,10 @@ def read_prompts(path: str) -> list[str]:
 
 
 def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a file's bytes (nitro.pipeline.file_sha256; imported lazily: this module stays light)."""
+    from nitrokernels.nitro.pipeline import file_sha256 as sha256_of_file
+
+    return sha256_of_file(path)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -649,16 +642,6 @@ def _vae_factor(pipeline: str | None) -> int:
     return 8
 
 
-def _flatten(kwargs, prefix=""):
-    import torch
-
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor):
-            yield prefix + key, value
-        elif isinstance(value, dict):
-            yield from _flatten(value, prefix + key + ".")
-
-
 def _unflatten(flat: dict) -> dict:
     out: dict = {}
     for key, value in flat.items():
@@ -676,15 +659,15 @@ def cached_prompt_bank(spec: RunSpec, unet_config, ctx, device="cpu"):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from nitrokernels.nitro.distiller import PromptBank
+    from nitrokernels.nitro.distiller import PromptBank, _walk  # _walk: (dotted name, tensor) of nested kwargs
 
     path = os.path.join(spec.out, EMBED_CACHE)
     digest = file_sha256(spec.prompts)
     if ctx.is_main and not os.path.exists(path):
         prompts = read_prompts(spec.prompts)
         bank = encode_prompts(prompts, spec.pipeline, unet_config, device)
-        flat = {f"cond.{k}": v.contiguous() for k, v in _flatten(bank["cond"])}
-        flat.update({f"uncond.{k}": v.contiguous() for k, v in _flatten(bank["uncond"])})
+        flat = {f"cond.{k}": v.contiguous() for k, v in _walk(bank["cond"])}
+        flat.update({f"uncond.{k}": v.contiguous() for k, v in _walk(bank["uncond"])})
         os.makedirs(spec.out, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file(flat, tmp, metadata={"format": CACHE_FORMAT, "prompts_sha256": digest, "count": str(len(prompts)),
@@ -989,10 +972,9 @@ def train(spec: RunSpec, args) -> int:
                 print(f"nitrokernels distill: warning: loss.png not written ({type(err).__name__}: {err})",
                       file=sys.stderr)
         if spec.lora:
-            student.save_lora_adapter(os.path.join(spec.out, "student_lora"))
-            _write_json(os.path.join(spec.out, "student_lora", "lora_config.json"), spec.lora)
+            save_lora_student(student, os.path.join(spec.out, "student_lora"), spec.lora)
             if distiller.ema is not None:
-                distiller.ema.save_lora_adapter(os.path.join(spec.out, "student_ema_lora"))
+                save_lora_student(distiller.ema, os.path.join(spec.out, "student_ema_lora"), spec.lora)
         else:
             student.save_pretrained(os.path.join(spec.out, "student"))
             if distiller.ema is not None:
@@ -1000,7 +982,8 @@ def train(spec: RunSpec, args) -> int:
         last = history[-1] if history else {}
         losses = ", ".join(f"{k} {last[k]:.4f}" for k in ("d_loss", "g_loss", "regression_loss") if k in last)
         print(f"nitrokernels distill: {distiller.step} iterations done ({losses}); wrote {spec.out}/checkpoint.pt, "
-              f"log.jsonl, loss.png, samples_{distiller.step:06d}.png, student/", flush=True)
+              f"log.jsonl, loss.png, samples_{distiller.step:06d}.png, {'student_lora' if spec.lora else 'student'}/",
+              flush=True)
     ctx.barrier()
     if ctx.distributed:
         import torch.distributed as dist
@@ -1012,30 +995,33 @@ def train(spec: RunSpec, args) -> int:
 def add_lora(unet, lora: dict):
     """Wrap `unet`'s target modules with a peft LoRA adapter ("default"; B initialised to zero, so the wrapped
     UNet computes what it did)."""
-    from peft import LoraConfig
+    from nitrokernels.nitro.pipeline import lora_config
 
-    unet.add_adapter(LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], target_modules=list(lora["targets"]),
-                                init_lora_weights=True))
+    unet.add_adapter(lora_config(lora))
     return unet
 
 
+def save_lora_student(unet, folder: str, lora: dict) -> str:
+    """Write the LoRA adapter of `unet` to `folder` as diffusers does (pytorch_lora_weights.safetensors) with the
+    lora_config.json that nitro.pipeline.load_lora_adapter reads back (`generate --lora`)."""
+    from nitrokernels.nitro.pipeline import LORA_CONFIG
+
+    unet.save_lora_adapter(folder)
+    _write_json(os.path.join(folder, LORA_CONFIG), lora)
+    return folder
+
+
 def is_lora_parameter(name: str) -> bool:
+    """Whether a student parameter belongs to the LoRA adapter (what --lora-rank trains)."""
     return "lora_" in name
 
 
 def load_lora_student(unet, folder: str):
-    """A UNet with the adapter a `distill --lora-rank` run wrote to <out>/student_lora/ (same config)."""
-    lora = _read_json(os.path.join(folder, "lora_config.json"), "LoRA config")
-    add_lora(unet, lora)
-    from safetensors.torch import load_file
-    from peft.utils import set_peft_model_state_dict
+    """A UNet with the adapter a `distill --lora-rank` run wrote to <out>/student_lora/ (same config), for
+    inference (eval, frozen): nitro.pipeline.load_lora_adapter, every key checked."""
+    from nitrokernels.nitro.pipeline import load_lora_adapter
 
-    state = load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
-    result = set_peft_model_state_dict(unet, state, adapter_name="default")
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"{folder}: LoRA weights that this UNet does not have: {unexpected[:3]}")
-    return unet
+    return load_lora_adapter(unet, folder)
 
 
 def _vae_decoder(pipeline: str | None, device):

@@ -40,8 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model: a local diffusers pipeline folder (e.g. an SDXL base snapshot). Without "
                              "it the embedded digits student is used")
     parser.add_argument("--unet", default=None,
-                        help="UNet weights: a NitroSD-style UNet safetensors file (with --model), or a digits "
-                             "student checkpoint written by `nitrokernels demo` (without --model)")
+                        help="student UNet weights: a NitroSD-style UNet .safetensors file, a UNet folder "
+                             "(<out>/student of `nitrokernels distill`) or a training checkpoint (<out>/checkpoint.pt "
+                             "of `nitrokernels demo` / `distill`: its student; read without running any code). "
+                             "Without --model: the digits student (`demo --save-student` .safetensors, a digits "
+                             "run's checkpoint.pt or student/); default: the shipped digits student")
+    parser.add_argument("--lora", default=None, metavar="PATH",
+                        help="a LoRA adapter written by `nitrokernels distill --lora-rank` (<out>/student_lora), "
+                             "loaded (peft) into the base UNet: the --model's own (or --unet); without --model the "
+                             "digits teacher, which the digits preset's adapter was trained on")
+    parser.add_argument("--fuse-lora", action="store_true",
+                        help="merge the --lora adapter into the UNet's weights (as fast as the base UNet)")
     parser.add_argument("--unet-sha256", default=None, metavar="HEX",
                         help="verify the --unet file against this sha256 (as `sha256sum` prints it) before loading; "
                              "files nitrokernels wrote also carry a digest of their tensors, always verified")
@@ -80,6 +89,53 @@ def _image_path(args, seed: int) -> str:
     return os.path.join(args.out, f"{_slug(args.prompt)}-{args.steps}step-seed{seed}.png")
 
 
+def _is_digits_asset(path: str) -> bool:
+    """A file `demo --save-student` wrote (safetensors with "unet." and "encoder." groups)."""
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:
+        return False
+    return any(k.startswith("encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+
+
+def _load_digits_unet(args, device, dtype):
+    """(unet, encoder, shift or None) for the digits model: the shipped student, a `demo --save-student` asset, or
+    any student weights read_unet_state takes (a run's checkpoint.pt, student/ folder, plain .safetensors) in
+    the digits UNet with the shipped encoder; with --lora the adapter on that UNet (default: the teacher)."""
+    from nitrokernels.nitro import digits
+    from nitrokernels.nitro.pipeline import load_lora_adapter, load_unet_state, read_unet_state
+
+    sha = getattr(args, "unet_sha256", None)
+    if args.unet is not None and not os.path.exists(args.unet):
+        raise GenerateError(f"digits student weights {args.unet} do not exist")
+    if args.unet is None and args.lora is None or args.unet is not None and _is_digits_asset(args.unet):
+        unet, encoder, metadata = digits.load_pretrained_student(device="cpu", path=args.unet, expected_sha256=sha)
+        shift = metadata.get("shift")
+    else:
+        # the teacher's UNet (its config and encoder; the student is a copy of it) takes the student's weights
+        unet, encoder, metadata = digits.load_pretrained_teacher(device="cpu")
+        shift = None
+        if args.unet is not None:
+            state, info = read_unet_state(args.unet, sha)
+            load_unet_state(unet, state, args.unet)
+            shift = info.get("shift")
+    if args.lora is not None:
+        from nitrokernels.nitro.pipeline import _run_shift
+
+        load_lora_adapter(unet, args.lora, fuse=args.fuse_lora)
+        shift = shift if args.unet is not None else _run_shift(args.lora)
+    for module in (unet, encoder):
+        module.to(device=device)
+        if dtype != next(module.parameters()).dtype:
+            module.to(dtype=dtype)
+    return unet, encoder, shift
+
+
 def _run_digits(args, device, dtype) -> list:
     import torch
 
@@ -90,21 +146,20 @@ def _run_digits(args, device, dtype) -> list:
     label = digit_label(args.prompt)
     if args.cuda_graph:
         raise GenerateError("--cuda-graph applies to --model pipelines; the digits model runs eager")
-    if args.unet is not None and not os.path.isfile(args.unet):
-        raise GenerateError(f"digits student checkpoint {args.unet} does not exist")
     try:
-        unet, encoder, metadata = digits.load_pretrained_student(device=device, dtype=dtype, path=args.unet,
-                                                                 expected_sha256=getattr(args, "unet_sha256", None))
-    except FileNotFoundError as err:
-        raise GenerateError(f"no digits student checkpoint: {err}") from err
+        unet, encoder, recorded_shift = _load_digits_unet(args, device, dtype)
+    except (FileNotFoundError, GenerateError) as err:
+        raise GenerateError(f"no digits student weights: {err}") from err
+    except ModuleNotFoundError:  # an optional extra (peft for --lora): the CLI names it
+        raise
     except Exception as err:  # a corrupt or foreign file
-        raise GenerateError(f"could not load the digits student from {args.unet or digits.asset_path(digits.STUDENT_ASSET)}: "
-                            f"{type(err).__name__}: {err}") from err
+        what = args.unet or args.lora or digits.asset_path(digits.STUDENT_ASSET)
+        raise GenerateError(f"could not load the digits student from {what}: {type(err).__name__}: {err}") from err
     if not args.no_patch:
         from nitrokernels.patch import patch_unet
 
         patch_unet(unet)
-    shift = args.shift if args.shift is not None else metadata.get("shift", 250)
+    shift = args.shift if args.shift is not None else recorded_shift if recorded_shift is not None else 250
     scheduler = TimestepShiftLCMScheduler(**digits.NOISE_SCHEDULE, shift=shift)
     hidden = encoder(torch.tensor([label], device=device))
     size, channels = unet.config.sample_size, unet.config.in_channels
@@ -128,9 +183,10 @@ def _run_pipeline(args, device, dtype) -> list:
     from nitrokernels.nitro.pipeline import UNetWeightsError, load_pipeline
 
     try:
-        pipe = load_pipeline(args.model, args.unet, shift=args.shift if args.shift is not None else 250,
-                             device=device, dtype=dtype, patch=not args.no_patch, cuda_graph=args.cuda_graph,
-                             unet_sha256=getattr(args, "unet_sha256", None))
+        pipe = load_pipeline(args.model, args.unet, shift=args.shift, device=device, dtype=dtype,
+                             patch=not args.no_patch, cuda_graph=args.cuda_graph,
+                             unet_sha256=getattr(args, "unet_sha256", None), lora=args.lora,
+                             fuse_lora=args.fuse_lora)
     except (FileNotFoundError, UNetWeightsError) as err:
         raise GenerateError(str(err)) from err
     tokenizer = getattr(pipe, "tokenizer", None)
@@ -162,6 +218,11 @@ def run(args) -> int:
             raise GenerateError(f"--steps must be 1, 2, 3 or 4, got {args.steps}")
         if not (0 <= args.seed and args.seed + args.num_images <= 2 ** 63):
             raise GenerateError(f"--seed must be in [0, 2**63 - num_images], got {args.seed}")
+        if args.fuse_lora and args.lora is None:
+            raise GenerateError("--fuse-lora needs --lora PATH")
+        for flag, path in (("--unet", args.unet), ("--lora", args.lora)):
+            if path is not None and not os.path.exists(path):
+                raise GenerateError(f"{flag} {path} does not exist")
         from nitrokernels.nitro.pipeline import resolve_device, resolve_dtype
         from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
 

@@ -37,8 +37,9 @@ from torch import nn
 
 from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
 
-__all__ = ["GraphedPipelineParts", "UNetWeightsError", "check_unet_weights", "file_sha256", "load_pipeline",
-           "load_unet_weights", "make_random_sdxl_pipeline", "prepare_pipeline", "resolve_device", "resolve_dtype",
+__all__ = ["GraphedPipelineParts", "UNetWeightsError", "check_unet_weights", "file_sha256", "load_lora_adapter",
+           "load_pipeline", "load_unet_state", "load_unet_weights", "lora_config", "make_random_sdxl_pipeline",
+           "prepare_pipeline", "read_json_object", "read_unet_state", "resolve_device", "resolve_dtype",
            "tensors_sha256", "verify_safetensors"]
 
 # safetensors metadata key of the tensors' digest in files nitrokernels writes (tensors_sha256)
@@ -54,11 +55,33 @@ class UNetWeightsError(ValueError):
 
 
 def resolve_device(device=None) -> torch.device:
-    """None -> cuda when available, else cpu; a bad name raises ValueError naming it."""
+    """None -> cuda when available, else cpu; a bad name, or a CUDA device this torch / machine does not have,
+    raises ValueError naming it."""
     try:
-        return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {err}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is available"
+            raise ValueError(f"device {device!r}: {why} (use device='cpu')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+def read_json_object(path: Union[str, os.PathLike], what: str, error: type = ValueError) -> Dict[str, Any]:
+    """The JSON object in `path`; raises `error` naming `what` and the file when it is unreadable, not JSON or not
+    an object (the one reader of the model / config JSON files of load_pipeline and `nitrokernels distill`)."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:  # (json's and UnicodeDecodeError are ValueErrors)
+        raise error(f"{what} {path} is not valid JSON or not readable ({err})") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -170,7 +193,10 @@ def _read_safetensors_header(path: str) -> Dict[str, tuple]:
 def check_unet_weights(path: str, unet: nn.Module) -> None:
     """Raise UNetWeightsError naming `path` and the first offending keys unless the file's keys and shapes
     are exactly those of `unet.state_dict()` (works on a meta-device UNet)."""
-    found = _read_safetensors_header(path)
+    _check_fits(path, _read_safetensors_header(path), unet)
+
+
+def _check_fits(path: str, found: Dict[str, tuple], unet: nn.Module) -> None:
     expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -217,6 +243,12 @@ def load_unet_weights(path: Union[str, os.PathLike], unet_config_dir: Union[str,
     except Exception as err:
         raise UNetWeightsError(f"{path}: reading the tensors failed ({type(err).__name__}: {err})") from err
     verify_safetensors(path, state, expected_sha256)
+    return _unet_from_state(unet_class, config, unet, state, dtype)
+
+
+def _unet_from_state(unet_class, config, unet: nn.Module, state: Dict[str, torch.Tensor],
+                     dtype: Optional[torch.dtype]) -> nn.Module:
+    """Fill the meta-device `unet` (built from `config`) with the checked `state`."""
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     unet.load_state_dict(state, strict=True, assign=True)
@@ -225,6 +257,167 @@ def load_unet_weights(path: Union[str, os.PathLike], unet_config_dir: Union[str,
         real = unet_class.from_config(config)
         real.load_state_dict(state, strict=True)
         unet = real.to(dtype) if dtype is not None else real
+    return unet.eval().requires_grad_(False)
+
+
+def _lora_keys(keys) -> list:
+    return [k for k in keys if "lora_" in k or ".base_layer." in k]
+
+
+def read_unet_state(path: Union[str, os.PathLike], expected_sha256: Optional[str] = None
+                    ) -> tuple:
+    """(state dict, info) of the UNet weights in `path`, for inference. `path` is one of
+      * a .safetensors file of a UNet state dict (diffusers key names; a leading "unet." on every key is
+        stripped; a digits asset's "unet." group is taken);
+      * a diffusers UNet folder (config.json + its .safetensors, as `save_pretrained` writes: e.g. <out>/student
+        of `nitrokernels distill`);
+      * a NitroDistiller checkpoint (<out>/checkpoint.pt of `nitrokernels demo` / `nitrokernels distill`): its
+        "student" entry. Read with torch.load(weights_only=True) -- a checkpoint cannot run code -- and its
+        content digest verified (nitro.distiller's checkpoint reader).
+    A digest nitrokernels stored is always verified; `expected_sha256` (the file's sha256) is checked first.
+    info: {"source": "safetensors" | "folder" | "checkpoint", "shift": the run's timestep shift when recorded
+    (the checkpoint's config, or the run's config.json beside a student folder / file), "config_dir": the UNet
+    folder when there is one}. Raises FileNotFoundError or UNetWeightsError (a ValueError) naming the file.
+    """
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"UNet weights {path} do not exist")
+    if expected_sha256 is not None:
+        _check_hex(expected_sha256)
+    info: Dict[str, Any] = {"source": "safetensors", "shift": _run_shift(path), "config_dir": None}
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        preferred = [n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+                     if n in names]
+        if not os.path.isfile(os.path.join(path, "config.json")) or not (preferred or len(names) == 1):
+            raise UNetWeightsError(f"{path}: a UNet folder holds config.json and one .safetensors file (as "
+                                   f"save_pretrained writes); found {sorted(os.listdir(path))[:8]}")
+        if expected_sha256 is not None:
+            raise UNetWeightsError(f"{path}: a sha256 is checked on a file; pass the .safetensors file inside")
+        info.update(source="folder", config_dir=path)
+        path = os.path.join(path, (preferred or names)[0])
+    if not path.endswith(".safetensors"):
+        from nitrokernels.nitro.distiller import CheckpointError, _read_checkpoint
+
+        if expected_sha256 is not None and file_sha256(path) != _check_hex(expected_sha256):
+            raise UNetWeightsError(f"{path}: sha256 {file_sha256(path)} does not match expected_sha256 "
+                                   f"{_check_hex(expected_sha256)} (a corrupt, truncated or different file)")
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # what torch.save writes (a pickle alone is refused below anyway)
+            raise UNetWeightsError(f"{path}: not a .safetensors file, a UNet folder or a torch checkpoint "
+                                   f"(NitroDistiller's checkpoint.pt); the file may be truncated or corrupt")
+        try:
+            checkpoint = _read_checkpoint(path)
+        except CheckpointError as err:
+            raise UNetWeightsError(f"{err}. UNet weights are a .safetensors file, a UNet folder or a "
+                                   f"NitroDistiller checkpoint.pt") from None
+        state = checkpoint.get("student")
+        if not isinstance(state, dict) or not state:
+            raise UNetWeightsError(f"checkpoint {path} holds no student weights")
+        lora = _lora_keys(state)
+        if lora:
+            raise UNetWeightsError(f"checkpoint {path} is of a LoRA student (keys such as {lora[0]!r}); load the "
+                                   f"base UNet and the adapter the run wrote instead: --lora <out>/student_lora "
+                                   f"(load_pipeline(..., lora=...))")
+        config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+        info.update(source="checkpoint", shift=config.get("shift", info["shift"]), step=checkpoint.get("step"))
+        return dict(state), info
+    try:
+        state = load_file(path, device="cpu")
+    except Exception as err:
+        raise UNetWeightsError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+    verify_safetensors(path, state, expected_sha256)
+    if state and all(k.startswith("unet.") for k in state):
+        state = {k[len("unet."):]: v for k, v in state.items()}
+    elif any(k.startswith("unet.") for k in state) and any(k.startswith("encoder.") for k in state):
+        state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}  # a digits asset
+    return state, info
+
+
+def _run_shift(path: str) -> Optional[float]:
+    """The timestep shift in the config.json of the `nitrokernels distill` run folder holding `path`, if any."""
+    parent = os.path.dirname(os.path.abspath(path))
+    for folder in (parent, os.path.dirname(parent)):
+        config = os.path.join(folder, "config.json")
+        if os.path.isfile(config):
+            try:
+                data = read_json_object(config, "run config")
+            except ValueError:
+                continue
+            shift = data.get("distill", {}).get("shift") if isinstance(data.get("distill"), dict) else None
+            if isinstance(shift, (int, float)) and not isinstance(shift, bool):
+                return float(shift)
+    return None
+
+
+def load_unet_state(unet: nn.Module, state: Dict[str, torch.Tensor], path: str,
+                    dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Load `state` (from read_unet_state) into `unet` after checking every key and shape (UNetWeightsError naming
+    `path` otherwise); a meta-device UNet takes the tensors directly. Returns the UNet (eval, frozen)."""
+    _check_fits(path, {k: tuple(v.shape) for k, v in state.items()}, unet)
+    own = unet.state_dict()
+    state = {k: v.to(dtype or own[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
+    unet.load_state_dict(state, strict=True, assign=any(t.is_meta for t in own.values()))
+    return unet.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_CONFIG = "lora_config.json"
+
+
+def lora_config(lora: Dict[str, Any]):
+    """The peft LoraConfig of a `nitrokernels distill --lora-rank` adapter ({"rank", "alpha", "targets"}, as its
+    lora_config.json holds); B starts at zero, so a freshly wrapped UNet computes what it did."""
+    from peft import LoraConfig
+
+    for key in ("rank", "alpha", "targets"):
+        if key not in lora:
+            raise ValueError(f"LoRA config {dict(lora)} has no {key!r} (expected rank, alpha, targets)")
+    return LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), target_modules=list(lora["targets"]),
+                      init_lora_weights=True)
+
+
+def load_lora_adapter(unet: nn.Module, path: Union[str, os.PathLike], *, fuse: bool = False,
+                      adapter_name: str = "default") -> nn.Module:
+    """Wrap `unet` with the LoRA adapter `nitrokernels distill --lora-rank` wrote (peft) and load its weights.
+
+    path: the adapter folder (<out>/student_lora: pytorch_lora_weights.safetensors + lora_config.json) or the
+    .safetensors file in it. Every adapter key must be one this UNet has and vice versa (UNetWeightsError naming
+    the first ones otherwise); a digest nitrokernels stored is verified. fuse: merge the adapter into the base
+    weights and drop the peft wrappers (a plain UNet, as fast as the base; the adapter can no longer be turned
+    off). Returns `unet` (eval mode, frozen).
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    folder, weights = (path, os.path.join(path, LORA_WEIGHTS)) if os.path.isdir(path) else (os.path.dirname(path), path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"LoRA adapter {path} does not exist")
+    for needed in (weights, os.path.join(folder, LORA_CONFIG)):
+        if not os.path.isfile(needed):
+            raise FileNotFoundError(f"LoRA adapter {path}: {needed} is missing (a `nitrokernels distill --lora-rank` "
+                                    f"run writes {LORA_WEIGHTS} and {LORA_CONFIG} to <out>/student_lora)")
+    config = read_json_object(os.path.join(folder, LORA_CONFIG), "LoRA config")
+    try:
+        state = load_file(weights, device="cpu")
+    except Exception as err:
+        raise UNetWeightsError(f"{weights}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+    verify_safetensors(weights, state)
+    unet.add_adapter(lora_config(config), adapter_name=adapter_name)
+    expected = set(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise UNetWeightsError(f"LoRA adapter {weights} does not fit this UNet: {len(missing)} missing key(s) "
+                               f"{_first(missing)}; {len(unexpected)} unexpected key(s) {_first(unexpected)}")
+    set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
+    if fuse:
+        unet.fuse_lora(lora_scale=1.0)
+        unet.unload_lora()
     return unet.eval().requires_grad_(False)
 
 
@@ -362,16 +555,21 @@ def prepare_pipeline(pipe, *, shift: Union[int, float] = 250, patch: bool = True
 
 
 def load_pipeline(base_model: Union[str, os.PathLike], unet_weights: Union[str, os.PathLike, None] = None, *,
-                  shift: Union[int, float] = 250, device=None, dtype=None, patch: bool = True,
-                  cuda_graph: bool = False, variant: Optional[str] = None, unet_sha256: Optional[str] = None):
+                  shift: Union[int, float, None] = None, device=None, dtype=None, patch: bool = True,
+                  cuda_graph: bool = False, variant: Optional[str] = None, unet_sha256: Optional[str] = None,
+                  lora: Union[str, os.PathLike, None] = None, fuse_lora: bool = False):
     """A NitroSD diffusers pipeline from local files (see the module docstring).
 
     base_model: diffusers pipeline folder (SDXL or any UNet2DCondition pipeline). unet_weights: optional
-    NitroSD-style UNet safetensors file. shift: the scheduler's timestep shift. device: default CUDA if
-    available. dtype: default bfloat16 on CUDA, float32 on CPU. patch: fused UNet + VAE blocks. cuda_graph:
-    CUDA-graph replay of the UNet and VAE decode (CUDA only). variant: the base model's weight variant
-    (e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors). unet_sha256: the published sha256 of the
-    unet_weights file, verified before it is loaded.
+    student UNet weights: a NitroSD-style UNet safetensors file, a diffusers UNet folder (<out>/student of
+    `nitrokernels distill`) or a NitroDistiller checkpoint.pt (its student; see read_unet_state). shift: the
+    scheduler's timestep shift; None: the shift recorded with unet_weights / lora (a checkpoint's config or the
+    run's config.json), else 250. device: default CUDA if available. dtype: default bfloat16 on CUDA, float32 on
+    CPU. patch: fused UNet + VAE blocks. cuda_graph: CUDA-graph replay of the UNet and VAE decode (CUDA only).
+    variant: the base model's weight variant (e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors).
+    unet_sha256: the published sha256 of the unet_weights file, verified before it is loaded. lora: a LoRA
+    adapter written by `nitrokernels distill --lora-rank` (<out>/student_lora), loaded into the UNet with peft
+    (load_lora_adapter); fuse_lora: merge it into the UNet's weights.
 
     Call the result with guidance_scale=0 and num_inference_steps in 1..4.
     """
@@ -391,18 +589,17 @@ def load_pipeline(base_model: Union[str, os.PathLike], unet_weights: Union[str, 
     dtype = resolve_dtype(dtype, device)
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device, got device={device}")
-    TimestepShiftLCMScheduler(shift=shift)  # validate the shift before loading gigabytes
+    if lora is not None and not os.path.exists(os.fspath(lora)):
+        raise FileNotFoundError(f"LoRA adapter {os.fspath(lora)} does not exist")
+    if fuse_lora and lora is None:
+        raise ValueError("fuse_lora=True needs lora=PATH")
+    recorded = [_run_shift(os.fspath(p)) for p in (unet_weights, lora) if p is not None]
+    if shift is not None:
+        TimestepShiftLCMScheduler(shift=shift)  # validate the shift before loading gigabytes
 
     if unet_sha256 is not None and unet_weights is None:
         raise ValueError("unet_sha256 is the digest of unet_weights; pass unet_weights too")
-    try:
-        with open(index_path) as f:
-            index = json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{index_path} is not valid JSON ({err}); expected a diffusers model_index.json") from None
-    if not isinstance(index, dict):
-        raise ValueError(f"{index_path} must hold a JSON object (component name -> [library, class]), "
-                         f"got a {type(index).__name__}")
+    index = read_json_object(index_path, "the diffusers pipeline index (component name -> [library, class])")
     components: Dict[str, Any] = {}
     if unet_weights is not None:
         entry = index.get("unet") or [None, None]
@@ -421,10 +618,25 @@ def load_pipeline(base_model: Union[str, os.PathLike], unet_weights: Union[str, 
         if not os.path.isfile(os.path.join(unet_dir, "config.json")):
             raise FileNotFoundError(f"{unet_dir}/config.json is missing: the UNet config of the base model is "
                                     "needed to load unet_weights")
-        components["unet"] = load_unet_weights(unet_weights, unet_dir, getattr(diffusers, class_name), dtype,
-                                               expected_sha256=unet_sha256)
+        unet_class = getattr(diffusers, class_name)
+        weights = os.fspath(unet_weights)
+        if os.path.isfile(weights) and weights.endswith(".safetensors"):  # keys checked on the header first
+            components["unet"] = load_unet_weights(weights, unet_dir, unet_class, dtype, expected_sha256=unet_sha256)
+        else:  # a UNet folder or a NitroDistiller checkpoint
+            state, info = read_unet_state(weights, unet_sha256)
+            recorded.insert(0, info.get("shift"))  # a checkpoint's own config first
+            config = unet_class.load_config(unet_dir)
+            with torch.device("meta"):
+                unet = unet_class.from_config(config)
+            _check_fits(weights, {k: tuple(v.shape) for k, v in state.items()}, unet)
+            components["unet"] = _unet_from_state(unet_class, config, unet, state, dtype)
+    if shift is None:
+        shift = next((v for v in recorded if v is not None), 250)
+        TimestepShiftLCMScheduler(shift=shift)
     pipe = DiffusionPipeline.from_pretrained(base_model, local_files_only=True, variant=variant,
                                              **{_dtype_keyword(): dtype}, **components)
+    if lora is not None:
+        load_lora_adapter(pipe.unet, lora, fuse=fuse_lora)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return prepare_pipeline(pipe, shift=shift, patch=patch, cuda_graph=cuda_graph)
