@@ -426,6 +426,46 @@ def test_regression_loss_is_the_paired_mse_and_the_adversarial_phase_follows(mon
     assert {step for step, _ in seen} == {(1, 0), (2, 0), (2, 1)}, "seed 0 draws every step of (1, 2) in 6 tries"
 
 
+def test_warmup_heads_every_trains_the_heads_on_the_teachers_sample_vs_the_students_output(monkeypatch):
+    """With warmup_heads_every=2 every second warm-up iteration also takes one heads update whose real is the
+    teacher's sample from the micro-batch's starting noise (also for a later step, whose regression target is
+    the teacher continued from the re-noised input) and whose fake is the student's x̂0 of that iteration, made
+    with the weights from before its update."""
+    d = make(steps=6, regression_steps=6, warmup_heads_every=2, train_steps=(1, 2), grad_accum=2)
+    heads_before = copy.deepcopy(d.disc.heads_state_dict())
+    calls, batches, students = [], [], []
+    orig_batches, orig_d_loss = d._micro_batches, d.disc.d_loss
+
+    def micro_batches():
+        students.append(copy.deepcopy(d.student))          # the weights this iteration's x̂0 is made with
+        batches.append(orig_batches())
+        return batches[-1]
+
+    def d_loss(real, fake, cond, uncond=None, **kw):
+        calls.append((d.step, len(batches) - 1, real.clone(), fake.clone()))
+        return orig_d_loss(real, fake, cond, uncond, **kw)
+
+    monkeypatch.setattr(d, "_micro_batches", micro_batches)
+    monkeypatch.setattr(d.disc, "d_loss", d_loss)
+    history = d.train()
+    assert [c[0] for c in calls] == [2, 2, 4, 4, 6, 6]       # after the student's update of iterations 2, 4, 6
+    assert [("d_loss" in r, "d_accuracy" in r) for r in history] == [(False, False), (True, True)] * 3
+    assert all("regression_loss" in r and "g_loss" not in r for r in history)
+    assert d.sched_heads.last_epoch == 3                     # the heads' schedule counts their iterations
+    later = 0
+    for n, (step, it, real, fake) in enumerate(calls):
+        mb = batches[it][n % 2]
+        later += mb.index > 0
+        with torch.no_grad():
+            torch.testing.assert_close(real, d.teacher_x0(mb.noise, mb.cond, mb.uncond), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(fake, d.student_denoise(mb.x, mb.cond, mb.steps, mb.index,
+                                                               model=students[it]), rtol=1e-5, atol=1e-6)
+    assert later, "the heads iterations drew no later step (the case whose real differs from the regression target)"
+    assert any(not torch.equal(v, d.disc.heads_state_dict()[k]) for k, v in heads_before.items())
+    with pytest.raises(ValueError, match="warmup_heads_every"):
+        DistillConfig(warmup_heads_every=-1)
+
+
 def test_teacher_continued_from_its_own_intermediate_latent_is_its_full_sample():
     """teacher_x0(start_t=t) continues the teacher's sampler: from the sampler's own latent at t it reproduces
     the full sample (the paired target of a later student step is the teacher's solution from that input)."""

@@ -100,7 +100,9 @@ class DistillConfig:
     update), train_steps (the step counts the student is trained for, by backward simulation; (1,) = one step),
     regression_steps (a pre-distillation warm-up: the first N iterations fit the student's x̂0 at its drawn step to
     the teacher's sampler's result from the same input by mean squared error, no discriminator; 0 = none, the
-    paper's purely adversarial run), regression_lr (the student's learning rate in the warm-up; None = lr_student).
+    paper's purely adversarial run), regression_lr (the student's learning rate in the warm-up; None = lr_student),
+    warmup_heads_every (every N-th warm-up iteration also trains the sampled heads, teacher sample vs the student's
+    x̂0 of that iteration, so they enter the adversarial phase trained rather than fresh; 0 = heads untouched).
     NitroFusion fine-tunes students that are already distilled (DMD2, Hyper-SDXL); a student copied from an
     undistilled teacher gets that starting point from this warm-up. The adversarial iterations after it have no
     regression term.
@@ -132,6 +134,7 @@ class DistillConfig:
     train_steps: tuple[int, ...] = (1, 2, 4)
     regression_steps: int = 0
     regression_lr: float | None = None
+    warmup_heads_every: int = 0
     discriminator: dict = field(default_factory=dict)
     mixed_precision: str = "no"
     seed: int = 0
@@ -152,7 +155,8 @@ class DistillConfig:
 
         for name in ("batch_size", "grad_accum", "teacher_steps", "refresh_every", "sample_count", "d_steps"):
             positive_int(name)
-        for name in ("steps", "log_every", "sample_every", "checkpoint_every", "warmup_steps", "regression_steps"):
+        for name in ("steps", "log_every", "sample_every", "checkpoint_every", "warmup_steps", "regression_steps",
+                     "warmup_heads_every"):
             positive_int(name, 0)
         def finite_number(name):
             value = getattr(self, name)
@@ -364,19 +368,22 @@ class _MicroBatch:
 def _progress_fields(row: dict) -> dict:
     """The progress bar's summary of a log row: losses, discriminator accuracy, real-fake logit gap, head age."""
     if "regression_loss" in row:
-        return {"warm-up mse": f"{row['regression_loss']:.4f}"}
-    fields = {"d": f"{row['d_loss']:.3f}", "g": f"{row['g_loss']:.3f}"}
+        fields = {"warm-up mse": f"{row['regression_loss']:.4f}"}
+    else:
+        fields = {"d": f"{row['d_loss']:.3f}", "g": f"{row['g_loss']:.3f}"}
     for key, label, fmt in (("d_accuracy", "acc", "{:.2f}"), ("logit_gap", "gap", "{:+.2f}"), ("head_age", "age", "{:.1f}")):
         if key in row:
             fields[label] = fmt.format(row[key])
     return fields
 
 
-def _step_diagnostics(d_diag, g_diag) -> dict:
+def _step_diagnostics(d_diag, g_diag=None) -> dict:
     """Per-kind diagnostics of an iteration ("<kind>/<name>") plus their means over kinds ("d_accuracy",
-    "logit_gap", "head_age"): what a GAN user watches to see the discriminator keep up."""
+    "logit_gap", "head_age"): what a GAN user watches to see the discriminator keep up. g_diag: None in an
+    iteration without a generator update (a regression warm-up's)."""
     flat = {f"{k}/{n}": v for k, st in d_diag.diagnostics.items() for n, v in st.items() if n != "heads"}
-    flat.update({f"{k}/{n}": v for k, st in g_diag.diagnostics.items() for n, v in st.items() if n == "g_loss"})
+    if g_diag is not None:
+        flat.update({f"{k}/{n}": v for k, st in g_diag.diagnostics.items() for n, v in st.items() if n == "g_loss"})
     for name in ("d_accuracy", "logit_gap", "head_age"):
         values = [st[name] for st in d_diag.diagnostics.values() if name in st]
         if values:
@@ -632,13 +639,13 @@ class NitroDistiller:
         index = int(torch.randint(steps, (), generator=self.host_gen)) if steps > 1 else 0
         return steps, index
 
-    def _micro_batches(self, one_step: bool = False) -> list[_MicroBatch]:
+    def _micro_batches(self) -> list[_MicroBatch]:
         cfg = self.config
         batches = []
         for _ in range(cfg.grad_accum):
             cond, uncond, idx = self.prompts(cfg.batch_size, self.host_gen, self.device)
             noise = torch.randn(self._latent_shape(cfg.batch_size), generator=self.dev_gen, device=self.device)
-            steps, index = (1, 0) if one_step else self._draw_step()
+            steps, index = self._draw_step()
             x = self.simulate_input(noise, cond, steps, index)
             batches.append(_MicroBatch(noise, cond, uncond, steps, index, x))
         return batches
@@ -669,15 +676,20 @@ class NitroDistiller:
             g_total = g_total + out.g_loss.detach() * scale
             g_diag = out if g_diag is None else g_diag
         grad_norm = self._student_update()
-        self.sched_heads.step()  # the heads' LR warm-up counts adversarial iterations (their optimiser's steps)
-        if cfg.refresh_every and self.step % cfg.refresh_every == 0:
-            self.disc.refresh(optimizer=self.opt_heads, generator=self.host_gen)
+        self._end_heads_iteration()
         result = {"d_loss": d_total, "g_loss": g_total, "t_star": d_diag.t_star,
                   "student_t": [int(self._model_t(mb.steps, mb.index)) for mb in batches]}
         if grad_norm is not None:
             result["grad_norm"] = grad_norm.detach()
         result["diagnostics"] = _step_diagnostics(d_diag, g_diag)
         return result
+
+    def _end_heads_iteration(self) -> None:
+        """After an iteration that trained the heads: their LR schedule advances (it counts the iterations that
+        trained them) and, every refresh_every iterations, the pool's old heads are refreshed."""
+        self.sched_heads.step()
+        if self.config.refresh_every and self.step % self.config.refresh_every == 0:
+            self.disc.refresh(optimizer=self.opt_heads, generator=self.host_gen)
 
     def _student_update(self, lr: float | None = None):
         """The student's optimiser step on its accumulated gradients (clip, AdamW, its LR schedule, EMA; the
@@ -711,12 +723,16 @@ class NitroDistiller:
         sampler continued from that step's re-noised input at its LCM timestep (teacher_x0(start_t=...)). A
         later step's input carries fresh noise that the first step's target does not depend on: regressing the
         teacher's x0 from the starting noise there teaches the mean (blur; measured on the digits: 2-step
-        Frechet 140-225 after such a warm-up). The discriminator is neither used nor updated, no heads are
-        refreshed."""
+        Frechet 140-225 after such a warm-up). The discriminator is not used by the student; every
+        config.warmup_heads_every-th iteration its sampled heads take one update on this iteration's samples
+        (real: the teacher's sample from the same noise -- the regression target for a first step; fake: the
+        student's x̂0, from before its update), with the adversarial phase's refresh."""
         cfg = self.config
         scale = 1.0 / cfg.grad_accum
         total = 0.0
         batches = self._micro_batches()
+        train_heads = cfg.warmup_heads_every > 0 and (self.step + 1) % cfg.warmup_heads_every == 0
+        pairs = []
         self.opt_student.zero_grad(set_to_none=True)
         for mb in batches:
             if mb.index == 0:
@@ -727,21 +743,33 @@ class NitroDistiller:
             loss = torch.nn.functional.mse_loss(fake, real)
             self.scaler.scale(loss * scale).backward()
             total = total + loss.detach() * scale
+            if train_heads:  # the discriminator's real is always the teacher's sample from the starting noise
+                pairs.append((real if mb.index == 0 else self.teacher_x0(mb.noise, mb.cond, mb.uncond), fake.detach()))
         grad_norm = self._student_update(cfg.regression_lr)
         result = {"regression_loss": total, "t_star": [], "diagnostics": {},
                   "student_t": [int(self._model_t(mb.steps, mb.index)) for mb in batches]}
+        if train_heads:
+            selection = self.disc.sample(generator=self.dev_gen, host_generator=self.host_gen)
+            result["d_loss"], d_diag = self._discriminator_update(batches, selection, scale, pairs)
+            self._end_heads_iteration()
+            result["t_star"], result["diagnostics"] = d_diag.t_star, _step_diagnostics(d_diag)
         if grad_norm is not None:
             result["grad_norm"] = grad_norm.detach()
         return result
 
-    def _discriminator_update(self, batches, selection, scale):
-        """One heads optimiser step on `batches` (accumulated); returns (loss, first micro-batch's output)."""
+    def _discriminator_update(self, batches, selection, scale, pairs=None):
+        """One heads optimiser step on `batches` (accumulated); real = the teacher's sample from each micro-batch's
+        noise, fake = the student's x̂0 at its step, unless given as `pairs` [(real, fake), ...]. Returns (loss,
+        first micro-batch's output)."""
         d_total, d_diag = 0.0, None
         self.opt_heads.zero_grad(set_to_none=True)
-        for mb in batches:
-            real = self.teacher_x0(mb.noise, mb.cond, mb.uncond)
-            with torch.no_grad():
-                fake = self.student_denoise(mb.x, mb.cond, mb.steps, mb.index)
+        for i, mb in enumerate(batches):
+            if pairs is not None:
+                real, fake = pairs[i]
+            else:
+                real = self.teacher_x0(mb.noise, mb.cond, mb.uncond)
+                with torch.no_grad():
+                    fake = self.student_denoise(mb.x, mb.cond, mb.steps, mb.index)
             with self._autocast():
                 out = self.disc.d_loss(real, fake, mb.cond, mb.uncond, selection=selection, generator=self.dev_gen)
             self.scaler.scale(out.d_loss * scale).backward()
