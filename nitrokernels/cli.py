@@ -165,6 +165,21 @@ class UsageError(Exception):
     """A bad command-line value: printed as one line, exit status 2."""
 
 
+def cuda_device_problem(device) -> str | None:
+    """Why the CUDA `device` (a torch.device) cannot be used here (a torch built without CUDA, no GPU, an index
+    past the GPUs), or None (also for non-CUDA devices). The one check behind every --device and
+    nitro.pipeline.resolve_device."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is available here"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"only {torch.cuda.device_count()} CUDA device(s) here"
+    return None
+
+
 def check_common_args(args) -> None:
     """Checks of the options several subcommands share (--device, --threads, --seed, --out, --num-images),
     made before anything is loaded. Raises UsageError naming the option and the value."""
@@ -176,13 +191,10 @@ def check_common_args(args) -> None:
             dev = torch.device(device)
         except (RuntimeError, TypeError, ValueError):
             raise UsageError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is available here"
-                raise UsageError(f"--device {device}: {why} (use --device cpu)")
-            if dev.index is not None and dev.index >= torch.cuda.device_count():
-                raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-        elif dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        problem = cuda_device_problem(dev)
+        if problem:
+            raise UsageError(f"--device {device}: {problem} (use --device cpu)")
+        if dev.type not in ("cpu", "cuda", "mps", "xpu"):
             raise UsageError(f"--device {device}: unsupported device type {dev.type!r} (use cpu or cuda)")
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:

@@ -335,17 +335,17 @@ def test_fused_geglu_honours_a_hook_added_after_fusing():
 
 
 def test_fused_resnet_block_honours_changes_made_after_fusing():
-    from diffusers.models.resnet import ResnetBlock2D
+    pytest.importorskip("diffusers")
+    from test_resnet_block import block_inputs, make_block  # the resnet tests' own block and inputs
 
     from nitrokernels.nn.resnet import fuse_resnet_block
 
     torch.manual_seed(0)
-    block = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=6, groups=2).eval()
-    x, temb = torch.randn(2, 8, 4, 4), torch.randn(2, 6)
+    block, (x, temb) = make_block("same_channels").eval(), block_inputs("same_channels", size=4)
     with torch.no_grad():
         expected = block(x, temb)
         fuse_resnet_block(block)
-        torch.testing.assert_close(block(x, temb), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(block(x, temb), expected, rtol=1e-5, atol=1e-5)  # fused = original, then:
         block.norm2.register_forward_hook(lambda m, i, o: o + 1)
         changed = type(block).forward(block, x, temb)
         assert not torch.allclose(changed, expected)

@@ -229,6 +229,17 @@ def _tiny_tokenizer(folder, max_length):
     return len(vocab)
 
 
+def _tiny_text_encoder(folder, encoder, tokenizer, cls, max_length=8, **config):
+    """A tiny CLIP text encoder (width 32, 2 layers) + its tokenizer saved under folder/encoder, folder/tokenizer."""
+    from transformers import CLIPTextConfig
+
+    vocab = _tiny_tokenizer(os.path.join(folder, tokenizer), max_length)
+    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1, **config)
+    cls(cfg).save_pretrained(os.path.join(folder, encoder))
+
+
 TINY_SDXL_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
@@ -241,7 +252,7 @@ def make_tiny_sdxl(folder, seed=0):
     """An SDXL-shaped diffusers pipeline folder with random weights: unet/, scheduler/, text_encoder(_2)/ and
     tokenizer(_2)/ (no VAE: the sample grids show latents)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder = str(folder)
     if os.path.exists(os.path.join(folder, "model_index.json")):
@@ -250,14 +261,9 @@ def make_tiny_sdxl(folder, seed=0):
     UNet2DConditionModel(**TINY_SDXL_UNET).save_pretrained(os.path.join(folder, "unet"))
     DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                   set_alpha_to_one=False, timestep_spacing="trailing").save_pretrained(os.path.join(folder, "scheduler"))
-    max_len = 8
     for enc, tok, cls in (("text_encoder", "tokenizer", CLIPTextModel),
                           ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)):
-        vocab = _tiny_tokenizer(os.path.join(folder, tok), max_len)
-        cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                             num_attention_heads=4, max_position_embeddings=max_len, projection_dim=16,
-                             bos_token_id=0, eos_token_id=1, pad_token_id=1)
-        cls(cfg).save_pretrained(os.path.join(folder, enc))
+        _tiny_text_encoder(folder, enc, tok, cls, projection_dim=16)
     index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
              "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDIMScheduler"],
              "text_encoder": ["transformers", "CLIPTextModel"],
@@ -269,11 +275,15 @@ def make_tiny_sdxl(folder, seed=0):
     return folder
 
 
+def tiny_run(tmp_path, make_pipeline, prompts_text, prompts_name="p.txt"):
+    """(pipeline folder, prompt file holding prompts_text, run folder) of a distill run on a tiny pipeline."""
+    prompts = tmp_path / prompts_name
+    prompts.write_text(prompts_text)
+    return make_pipeline(tmp_path / "pipe"), prompts, tmp_path / "run"
+
+
 def test_tiny_sdxl_pipeline_folder_trains_and_caches_prompts(tmp_path, capsys):
-    pipe = make_tiny_sdxl(tmp_path / "pipe")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cat\na blue dog\n\nthe number 7\n")
-    out = tmp_path / "run"
+    pipe, prompts, out = tiny_run(tmp_path, make_tiny_sdxl, "a red cat\na blue dog\n\nthe number 7\n")
     argv = ["--teacher", pipe, "--prompts", prompts, "--out", out, "--batch-size", 2, "--teacher-steps", 2,
             "--train-steps", 1, 2, "--no-progress", "--log-every", 1, "--sample-count", 2,
             "--discriminator", json.dumps(FAST_DISC)]
@@ -319,12 +329,9 @@ def test_single_safetensors_teacher_with_pipeline(tmp_path, capsys):
     """--teacher file.safetensors + --pipeline (the unet config, encoders and scheduler come from the folder)."""
     import shutil
 
-    pipe = make_tiny_sdxl(tmp_path / "pipe")
+    pipe, prompts, out = tiny_run(tmp_path, make_tiny_sdxl, '{"prompt": "a cat"}\n{"prompt": "a dog"}\n', "p.jsonl")
     weights = tmp_path / "teacher_unet.safetensors"
     shutil.copy(os.path.join(pipe, "unet", "diffusion_pytorch_model.safetensors"), weights)
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "a cat"}\n{"prompt": "a dog"}\n')
-    out = tmp_path / "run"
     disc = dict(FAST_DISC, t_star=[500], pool_sizes={"global_conditional": 1})
     code = run_cli("--teacher", weights, "--pipeline", pipe, "--prompts", prompts, "--out", out, "--steps", 1,
                    "--batch-size", 1, "--teacher-steps", 1, "--train-steps", 1, "--no-progress",
@@ -403,9 +410,7 @@ def test_lora_student_trains_only_the_adapter_and_resumes(tmp_path, capsys):
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    pipe = make_tiny_sdxl(tmp_path / "pipe")
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a cat\na dog\n")
+    pipe, prompts, _ = tiny_run(tmp_path, make_tiny_sdxl, "a cat\na dog\n")
     common = ["--teacher", pipe, "--prompts", prompts, "--batch-size", 1, "--teacher-steps", 1, "--train-steps", 1,
               "--no-progress", "--log-every", 1, "--sample-count", 1, "--lora-rank", 4, "--lr-student", 1e-2,
               "--discriminator", json.dumps(FAST_DISC)]
@@ -493,7 +498,7 @@ def make_tiny_sd(folder, seed=0):
     """An SD1.5-shaped pipeline folder: one CLIP text encoder (last hidden state), a UNet without added
     conditioning, and a tiny VAE (factor 2) that decodes the sample grids."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     folder = str(folder)
     torch.manual_seed(seed)
@@ -506,10 +511,7 @@ def make_tiny_sd(folder, seed=0):
                   sample_size=32).save_pretrained(os.path.join(folder, "vae"))
     DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                   set_alpha_to_one=False).save_pretrained(os.path.join(folder, "scheduler"))
-    vocab = _tiny_tokenizer(os.path.join(folder, "tokenizer"), 8)
-    CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
-                                 pad_token_id=1)).save_pretrained(os.path.join(folder, "text_encoder"))
+    _tiny_text_encoder(folder, "text_encoder", "tokenizer", CLIPTextModel)
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                    "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"],
@@ -523,10 +525,7 @@ def test_tiny_sd15_pipeline_folder_with_vae_grids(tmp_path, capsys):
     from safetensors import safe_open
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    pipe = make_tiny_sd(tmp_path / "pipe")
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a cat\na dog\n")
-    out = tmp_path / "run"
+    pipe, prompts, out = tiny_run(tmp_path, make_tiny_sd, "a cat\na dog\n")
     code = run_cli("--teacher", pipe, "--prompts", prompts, "--out", out, "--steps", 1, "--batch-size", 1,
                    "--teacher-steps", 1, "--train-steps", 1, "--no-progress", "--sample-count", 2,
                    "--discriminator", json.dumps(FAST_DISC))

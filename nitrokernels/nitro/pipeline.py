@@ -61,12 +61,11 @@ def resolve_device(device=None) -> torch.device:
         dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {err}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is available"
-            raise ValueError(f"device {device!r}: {why} (use device='cpu')")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    from nitrokernels.cli import cuda_device_problem
+
+    problem = cuda_device_problem(dev)
+    if problem:
+        raise ValueError(f"device {device!r}: {problem} (use device='cpu')")
     return dev
 
 
