@@ -16,7 +16,7 @@ from nitrokernels.ops import dispatch
 
 # Op modules are optional at import (a broken one must not hide the others): each is imported here and a
 # failure is reported as such.
-OP_MODULES = ("group_norm", "heads", "optim", "attention", "geglu", "layer_norm")
+OP_MODULES = ("group_norm", "heads", "optim", "attention", "geglu")
 
 
 def import_op_modules() -> dict[str, str]:

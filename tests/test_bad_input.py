@@ -306,18 +306,32 @@ def test_group_norm_arguments():
         group_norm_silu(x, 2, torch.ones(8, dtype=torch.float64))
 
 
-def test_layer_norm_arguments():
-    from nitrokernels.ops.layer_norm import layer_norm
+def test_removed_layer_norm_op_is_deprecated_to_torchs():
+    """ops.layer_norm was torch's F.layer_norm under another name (nothing used it): the old name still works, with
+    a DeprecationWarning, and no longer registers a dispatched op."""
+    import torch.nn.functional as F
 
-    x = torch.randn(2, 5)
-    with pytest.raises(ValueError, match=r"weight must have shape \(5,\) \(normalized_shape\), got \(4,\)"):
-        layer_norm(x, 5, torch.ones(4))
-    with pytest.raises(ValueError, match="eps must be a finite number"):
-        layer_norm(x, 5, eps="x")
-    with pytest.raises(TypeError, match="normalized_shape must be an int or a sequence"):
-        layer_norm(x, "five")
-    with pytest.raises(TypeError, match="x must be a floating-point Tensor"):
-        layer_norm(x.long(), 5)
+    import nitrokernels.ops as ops
+    from nitrokernels.ops import dispatch
+
+    with pytest.warns(DeprecationWarning, match="torch.nn.functional.layer_norm"):
+        assert ops.layer_norm is F.layer_norm
+    assert "layer_norm" not in dispatch.REGISTRY
+    with pytest.raises(AttributeError):
+        ops.no_such_op  # noqa: B018
+
+
+def test_sample_one_to_four_is_a_deprecated_alias_of_sample():
+    pytest.importorskip("diffusers")
+    from nitrokernels.nitro import sample, sample_one_to_four
+    from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
+
+    noise = torch.randn(1, 2, 4, 4)
+    expected = sample(lambda x, t: 0.5 * x, TimestepShiftLCMScheduler(), noise, 2, torch.Generator().manual_seed(0))
+    with pytest.warns(DeprecationWarning, match="use nitrokernels.nitro.sample"):
+        got = sample_one_to_four(lambda x, t: 0.5 * x, TimestepShiftLCMScheduler(), noise, 2,
+                                 torch.Generator().manual_seed(0))
+    assert torch.equal(got, expected)
 
 
 def test_fused_geglu_honours_a_hook_added_after_fusing():

@@ -14,7 +14,7 @@ from typing import Callable, List, Union
 
 import torch
 
-__all__ = ["sample", "sample_one_to_four"]
+__all__ = ["sample"]
 
 
 def sample(unet_call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, latents: torch.Tensor,
@@ -40,5 +40,12 @@ def sample(unet_call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sche
     return denoised
 
 
-# The name INTERFACES.md gives this helper.
-sample_one_to_four = sample
+def sample_one_to_four(unet_call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,
+                       latents: torch.Tensor, steps: int,
+                       generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
+    """Deprecated alias of `sample` (an early name of it); warns and calls sample."""
+    import warnings
+
+    warnings.warn("nitrokernels.nitro.sample_one_to_four is deprecated: use nitrokernels.nitro.sample (the same "
+                  "function)", DeprecationWarning, stacklevel=2)
+    return sample(unet_call, scheduler, latents, steps, generator)
