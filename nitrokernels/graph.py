@@ -128,6 +128,7 @@ class GraphedModule:
 
     @property
     def num_graphs(self) -> int:
+        """How many CUDA graphs have been captured (one per input signature)."""
         return len(self._graphs)
 
     # ------------------------------------------------------------------------------------------ checks

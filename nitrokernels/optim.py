@@ -32,7 +32,7 @@ extension is built (no host sync), else the eager index-based reference.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
@@ -77,7 +77,9 @@ class SampledAdamW(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
+        """One AdamW update of every parameter with a gradient (sparse rows: only those rows and their moments);
+        `closure` re-evaluates the loss, as in torch.optim. Returns the closure's loss (None without one)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -148,7 +150,7 @@ def _grad_values(g: torch.Tensor) -> torch.Tensor:
     return g.coalesce()._values() if g.is_sparse else g
 
 
-def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
+def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False) -> torch.Tensor:
     """Clip the gradients of `parameters` (dense or sparse COO) to a total `norm_type` norm of at most `max_norm`,
     in place, as torch.nn.utils.clip_grad_norm_; returns the total norm before clipping (a 0-d tensor)."""

@@ -311,14 +311,17 @@ class DynamicDiscriminator(nn.Module):
 
     @property
     def kinds(self) -> tuple[str, ...]:
+        """The head kinds with a non-empty pool, in KINDS order."""
         return tuple(k for k in KINDS if self.pool_sizes[k])
 
     @property
     def num_heads(self) -> int:
+        """Heads in all pools together."""
         return sum(pool.num_heads for pool in self.pools.values())
 
     @property
     def heads_per_iteration(self) -> int:
+        """Heads scored per iteration: sampled t* groups x levels x heads sampled per kind."""
         return self.t_star_sampled * len(self.levels) * sum(self.heads_sampled[k] for k in self.kinds)
 
     def head_parameters(self):
@@ -353,7 +356,8 @@ class DynamicDiscriminator(nn.Module):
         for key, buf in self.ages.named_buffers():
             buf.copy_(ages[key]) if ages else buf.zero_()
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> "DynamicDiscriminator":
+        """nn.Module.train for the heads; the frozen backbone stays in eval mode."""
         super().train(mode)
         self.backbone.eval()  # frozen: dropout / norms stay in inference mode
         return self

@@ -30,10 +30,13 @@ import inspect
 import json
 import os
 import tempfile
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
 
@@ -554,9 +557,10 @@ def prepare_pipeline(pipe, *, shift: Union[int, float] = 250, patch: bool = True
 
 
 def load_pipeline(base_model: Union[str, os.PathLike], unet_weights: Union[str, os.PathLike, None] = None, *,
-                  shift: Union[int, float, None] = None, device=None, dtype=None, patch: bool = True,
-                  cuda_graph: bool = False, variant: Optional[str] = None, unet_sha256: Optional[str] = None,
-                  lora: Union[str, os.PathLike, None] = None, fuse_lora: bool = False):
+                  shift: Union[int, float, None] = None, device: Union[str, torch.device, None] = None,
+                  dtype: Union[str, torch.dtype, None] = None, patch: bool = True, cuda_graph: bool = False,
+                  variant: Optional[str] = None, unet_sha256: Optional[str] = None,
+                  lora: Union[str, os.PathLike, None] = None, fuse_lora: bool = False) -> "DiffusionPipeline":
     """A NitroSD diffusers pipeline from local files (see the module docstring).
 
     base_model: diffusers pipeline folder (SDXL or any UNet2DCondition pipeline). unet_weights: optional

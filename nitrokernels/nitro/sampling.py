@@ -10,14 +10,18 @@ same scheduler through diffusers' own loop.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Union
+from typing import TYPE_CHECKING, Callable, List, Union
 
 import torch
+
+if TYPE_CHECKING:  # (the scheduler module imports diffusers)
+    from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
 
 __all__ = ["sample"]
 
 
-def sample(unet_call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, latents: torch.Tensor,
+def sample(unet_call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler: "TimestepShiftLCMScheduler",
+           latents: torch.Tensor,
            steps: int, generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
     """Run `steps` steps of `scheduler` (a TimestepShiftLCMScheduler) from the noise `latents` -> the final x0.
 
@@ -40,7 +44,8 @@ def sample(unet_call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sche
     return denoised
 
 
-def sample_one_to_four(unet_call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,
+def sample_one_to_four(unet_call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                       scheduler: "TimestepShiftLCMScheduler",
                        latents: torch.Tensor, steps: int,
                        generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
     """Deprecated alias of `sample` (an early name of it); warns and calls sample."""

@@ -213,16 +213,20 @@ class TimestepShiftLCMScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------ diffusers scheduler protocol
     @property
     def step_index(self) -> Optional[int]:
+        """Index of the next step in `timesteps` (None before the first step), as diffusers schedulers have."""
         return self._step_index
 
     @property
     def begin_index(self) -> Optional[int]:
+        """The first step's index when a pipeline sets one (set_begin_index), else None."""
         return self._begin_index
 
-    def set_begin_index(self, begin_index: int = 0):
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at step `begin_index` (diffusers' img2img pipelines call it)."""
         self._begin_index = begin_index
 
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+    def scale_model_input(self, sample: torch.Tensor, timestep: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
+        """The sample unchanged (LCM needs no input scaling; diffusers' pipelines call it)."""
         return sample
 
     def __len__(self) -> int:

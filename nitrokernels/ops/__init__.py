@@ -9,6 +9,10 @@ from nitrokernels.ops.attention import attention, attention_fallbacks, reset_att
 from nitrokernels.ops.geglu import geglu  # noqa: F401
 from nitrokernels.ops.heads import head_levels, head_stack  # noqa: F401,E402
 
+__all__ = ["BACKENDS", "REGISTRY", "BackendUnavailable", "attention", "attention_fallbacks", "geglu",
+           "group_norm_silu", "head_levels", "head_stack", "reset_attention_fallbacks", "sampled_adamw_",
+           "use_backend"]
+
 
 def __getattr__(name: str):
     if name == "layer_norm":  # removed: it only called torch's kernel under another name
