@@ -158,8 +158,9 @@ class PatchHandle:
 
 # --------------------------------------------------------------------------------------------- helpers
 def _hooks(module: nn.Module) -> bool:
+    """torch hooks, or a forward replaced on the instance (accelerate's and diffusers' hooks work that way)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or getattr(module, "_backward_pre_hooks", None))
+                or getattr(module, "_backward_pre_hooks", None) or "forward" in module.__dict__)
 
 
 def _hooked_below(module: nn.Module) -> str | None:

@@ -28,6 +28,13 @@ output_scale_factor. Not supported (the reason says which): other activations, t
 "scale_shift" (a per-sample scale of the normalised value), norm layers that are not nn.GroupNorm, subclasses
 that override forward, a forward already replaced on the instance, hooks on the modules the fused path does not
 call (norm1, norm2, nonlinearity). Calls that pass the deprecated `scale` argument run the original forward.
+
+The same conditions are checked again at every call (cheaply: norm1 / norm2 / nonlinearity and their parameters
+only): hooks added after fusing (accelerate's cpu_offload, diffusers' group offloading and layerwise casting replace
+`forward` on the instance), a norm or the activation replaced or wrapped, norm parameters on the meta device, on
+another device or in a dtype the kernels do not take -- then that call runs the original forward, and the reason
+is recorded (nitrokernels.nn._calltime; PatchHandle.fallbacks). The installed forward is a `_FusedForward` object
+(picklable and deep-copyable: torch.save(model) / copy.deepcopy of a fused model work).
 """
 from __future__ import annotations
 
@@ -130,6 +137,15 @@ class _FusedForward:
     def __reduce__(self):
         return (_FusedForward, (self.block,))
 
+    # a bound method's interface (__func__ / __self__), for code that introspects `block.forward`
+    @property
+    def __func__(self):
+        return _fused_forward
+
+    @property
+    def __self__(self):
+        return self.block
+
     def __repr__(self) -> str:
         return f"<nitrokernels fused forward of {type(self.block).__name__}>"
 
@@ -191,7 +207,7 @@ def resnet_block_unsupported_reason(block: nn.Module) -> str | None:
     if block.time_embedding_norm == "scale_shift":
         return "time_embedding_norm='scale_shift' (per-sample scale of the normalised value) is not fused"
     for name in ("norm1", "norm2", "nonlinearity"):
-        if _has_hooks(getattr(block, name)):
+        if _hooked(getattr(block, name)):
             return f"hooks on {name} would be bypassed by the fused forward"
     return None
 
