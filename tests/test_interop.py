@@ -9,6 +9,7 @@ a processor installed after patching. Where a fused block had to run the origina
 """
 import copy
 import io
+import logging
 
 import pytest
 import torch
@@ -132,14 +133,17 @@ def _add_same_adapter(ref, unet, name="default", r=4):
     assert not unexpected
 
 
-def test_lora_added_after_patching_is_honoured():
+def test_lora_added_after_patching_is_honoured(caplog):
     ref, unet, handle = _pair("sd15")
     inputs = make_inputs("sd15")
     before = _out(ref, inputs)
     _add_same_adapter(ref, unet)
     expected = _out(ref, inputs)
     assert not torch.allclose(expected, before, atol=1e-3)  # the adapter matters
-    assert_close(_out(unet, inputs), expected, rel=TIGHT, name="lora output")
+    with caplog.at_level(logging.INFO, logger="nitrokernels"):
+        assert_close(_out(unet, inputs), expected, rel=TIGHT, name="lora output")
+    assert any("ran the original computation" in rec.getMessage() and "lora" in rec.getMessage().lower()
+               for rec in caplog.records)
     assert any("lora" in r.lower() for r in _fallback_reasons(handle, "geglu")), handle.summary()
     assert any("to_q" in r for r in _fallback_reasons(handle, "attention")), handle.summary()
 
@@ -183,6 +187,20 @@ def test_fuse_unfuse_unload_lora_after_inference():
     assert not torch.allclose(expected, _out(make_unet("sd15").eval(), inputs), atol=1e-3)
     assert_close(_out(unet, inputs), expected, rel=TIGHT, name="after fuse_lora + unload_lora")
     handle.revert()
+
+
+def test_patch_infer_add_adapter_fuse_unload_infer():
+    """The exact sequence of the issue: patch -> infer -> add_adapter -> fuse_lora -> unload_lora -> infer."""
+    ref, unet, handle = _pair("sd15")
+    inputs = make_inputs("sd15")
+    _out(unet, inputs)
+    _add_same_adapter(ref, unet)
+    for model in (ref, unet):
+        model.fuse_lora()
+        model.unload_lora()
+    assert_close(_out(unet, inputs), _out(ref, inputs), rel=TIGHT, name="fuse_lora + unload_lora")
+    handle.revert()
+    assert_close(_out(unet, inputs), _out(ref, inputs), rel=TIGHT, name="reverted")
 
 
 def test_load_lora_adapter_and_hotswap():
