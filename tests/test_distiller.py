@@ -399,9 +399,9 @@ def test_regression_loss_is_the_paired_mse_and_the_adversarial_phase_follows(mon
     def checked():
         calls = {}
 
-        def teacher(x, cond, uncond, start_t=None):
+        def teacher(x, cond, uncond, start_t=None, steps=None):
             calls["teacher_input"], calls["start_t"] = x, start_t
-            return calls.setdefault("real", orig_teacher(x, cond, uncond, start_t=start_t))
+            return calls.setdefault("real", orig_teacher(x, cond, uncond, start_t=start_t, steps=steps))
 
         def student(x, cond, steps, index, model=None):   # the last call is the trained one (the first ones
             calls["student_input"], calls["step"] = x, (steps, index)          # simulate its input)
@@ -464,6 +464,35 @@ def test_warmup_heads_every_trains_the_heads_on_the_teachers_sample_vs_the_stude
     assert any(not torch.equal(v, d.disc.heads_state_dict()[k]) for k, v in heads_before.items())
     with pytest.raises(ValueError, match="warmup_heads_every"):
         DistillConfig(warmup_heads_every=-1)
+
+
+def test_continuation_steps_is_the_teachers_grid_for_later_step_targets(monkeypatch):
+    """A later step's warm-up target continues the teacher on the continuation_steps grid (finer than the first
+    step's teacher_steps); the first step's target and the discriminator's real keep teacher_steps."""
+    d = make(steps=6, regression_steps=6, train_steps=(1, 2), teacher_steps=2, continuation_steps=4)
+    calls, orig = [], d.teacher_x0
+
+    def teacher(x, cond, uncond, start_t=None, steps=None):
+        out = orig(x, cond, uncond, start_t=start_t, steps=steps)
+        calls.append((start_t, steps, x, cond, uncond, out))
+        return out
+
+    monkeypatch.setattr(d, "teacher_x0", teacher)
+    d.train()
+    assert {(c[0], c[1]) for c in calls} == {(None, None), (499, 4)}
+    start_t, _, x, cond, uncond, out = next(c for c in calls if c[0] is not None)
+    sched = d.teacher_scheduler
+    sched.set_timesteps(4)                                   # 999, 749, 499, 249: the tail from 499 is 2 steps
+    y = x
+    with torch.no_grad():
+        for t in sched.timesteps[2:]:
+            y = sched.step(d.teacher(y, t, **cond).sample, t, y).prev_sample
+    torch.testing.assert_close(out, y.float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, orig(x, cond, uncond, start_t=499), atol=1e-4)   # not the 2-step grid's
+    with pytest.raises(ValueError, match=r"continuation_steps=3.*missing \[499\]"):
+        make(regression_steps=2, train_steps=(1, 2), teacher_steps=2, continuation_steps=3)
+    with pytest.raises(ValueError, match="continuation_steps"):
+        DistillConfig(continuation_steps=0)
 
 
 def test_teacher_continued_from_its_own_intermediate_latent_is_its_full_sample():
