@@ -85,3 +85,26 @@ def test_save_student_without_a_path_refused_outside_a_checkout(monkeypatch, cap
     demo.add_arguments(parser)
     assert demo.run(parser.parse_args(["--quick", "--save-student", "--no-progress"])) == 2
     assert "give a PATH" in capsys.readouterr().out
+
+
+def _row(step, warmup, acc):
+    row = {"step": step, "d_loss": 1.0, "d_accuracy": acc, "logit_gap": acc - 0.5, "head_age": float(step),
+           "global_conditional/d_accuracy": acc, "global_conditional/logit_gap": acc - 0.5}
+    return {**row, "regression_loss": 0.1} if warmup else {**row, "g_loss": 0.5}
+
+
+def test_discriminator_summary_and_plot_cover_heads_trained_in_the_warmup(tmp_path):
+    """With DistillConfig.warmup_heads_every the warm-up's rows carry discriminator diagnostics too: the summary
+    reports the run and each phase, the plot draws them (no generator loss in those rows)."""
+    history = ([{"step": 1, "regression_loss": 0.2}] + [_row(s, True, 0.8) for s in (2, 3, 4)]
+               + [_row(s, False, 0.6) for s in (5, 6, 7, 8)])
+    summary = demo.discriminator_summary(history)
+    assert summary["mean"]["d_accuracy"] == pytest.approx((3 * 0.8 + 4 * 0.6) / 7, abs=1e-4)
+    assert summary["phases"]["warm-up"]["d_accuracy"] == pytest.approx(0.8)
+    assert summary["phases"]["adversarial"]["d_accuracy"] == pytest.approx(0.6)
+    assert summary["last_quarter"]["d_accuracy"] == pytest.approx(0.6)
+    text = demo.format_discriminator_summary(summary)
+    assert "warm-up 0.80" in text and "adversarial 0.60" in text
+    assert os.path.getsize(demo.save_loss_png(str(tmp_path / "loss.png"), history)) > 1000
+    adversarial_only = demo.discriminator_summary(history[:1] + history[4:])
+    assert list(adversarial_only["phases"]) == ["adversarial"]

@@ -190,11 +190,13 @@ def save_loss_png(path: str, history: list[dict]) -> str:
     import numpy as np
 
     warmup = [r for r in history if "regression_loss" in r]
-    history = [r for r in history if "d_loss" in r]  # the adversarial iterations
+    adversarial = [r for r in history if "g_loss" in r]
+    history = [r for r in history if "d_loss" in r]  # every iteration that trained the heads (both phases)
     steps = np.array([r["step"] for r in history])
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
-    for key, label in (("d_loss", "discriminator (sampled heads, summed)"), ("g_loss", "generator (student)")):
-        _plot_smoothed(ax, steps, [r[key] for r in history], label)
+    _plot_smoothed(ax, steps, [r["d_loss"] for r in history], "discriminator (sampled heads, summed)")
+    _plot_smoothed(ax, np.array([r["step"] for r in adversarial]), [r["g_loss"] for r in adversarial],
+                   "generator (student)")
     ax.set_ylabel("loss")
     ax.set_title("NitroFusion distillation on the digits")
     if warmup:  # the regression warm-up before the adversarial phase, on its own scale
@@ -225,11 +227,15 @@ def save_loss_png(path: str, history: list[dict]) -> str:
 
 
 def discriminator_summary(history: list[dict]) -> dict:
-    """Run means of the discriminator diagnostics (overall and per head kind) and their last-quarter means."""
-    history = [r for r in history if "d_loss" in r]  # the adversarial iterations (not a regression warm-up)
+    """Means of the discriminator diagnostics (overall and per head kind) over every iteration that trained the
+    heads, over each phase (the regression warm-up's, when its heads trained; the adversarial one's), and over the
+    last quarter of the run."""
+    history = [r for r in history if "d_loss" in r]
     if not history:
         return {}
     quarter = history[-max(1, len(history) // 4):]
+    phases = {"warm-up": [r for r in history if "regression_loss" in r],
+              "adversarial": [r for r in history if "regression_loss" not in r]}
     keys = sorted(k for k in history[0] if k in ("d_accuracy", "logit_gap", "head_age")
                   or k.endswith(("/d_accuracy", "/logit_gap")))
 
@@ -237,7 +243,8 @@ def discriminator_summary(history: list[dict]) -> dict:
         values = [r[key] for r in rows if key in r]
         return round(sum(values) / len(values), 4) if values else None
 
-    return {"mean": {k: mean(history, k) for k in keys}, "last_quarter": {k: mean(quarter, k) for k in keys}}
+    return {"mean": {k: mean(history, k) for k in keys}, "last_quarter": {k: mean(quarter, k) for k in keys},
+            "phases": {name: {k: mean(rows, k) for k in keys} for name, rows in phases.items() if rows}}
 
 
 def format_discriminator_summary(summary: dict) -> str:
@@ -246,7 +253,8 @@ def format_discriminator_summary(summary: dict) -> str:
     m, q = summary["mean"], summary["last_quarter"]
     kinds = sorted({k.split("/")[0] for k in m if "/" in k})
     per_kind = ", ".join(f"{kind} {m[f'{kind}/d_accuracy']:.2f}" for kind in kinds)
-    return (f"discriminator: accuracy {m['d_accuracy']:.2f} over the run (last quarter {q['d_accuracy']:.2f}; chance "
+    phases = "".join(f"{name} {p['d_accuracy']:.2f}, " for name, p in summary.get("phases", {}).items())
+    return (f"discriminator: accuracy {m['d_accuracy']:.2f} over the run ({phases}last quarter {q['d_accuracy']:.2f}; chance "
             f"0.50; {per_kind}), real-fake logit gap {m['logit_gap']:+.2f}, mean age of the sampled heads "
             f"{m['head_age']:.1f} updates")
 
