@@ -105,8 +105,9 @@ class DistillConfig:
     target, the teacher continued from that step's input; None = teacher_steps. A finer grid makes those targets
     better samples than the first step's, which is what lets more student steps refine: on the digits the
     teacher's 4-step sample re-noised at 749/499/249 and continued on a 20-step grid reaches Frechet 17.4, on the
-    4-step grid 27.0), warmup_heads_every (every N-th warm-up iteration also trains the sampled heads, teacher sample vs the student's
-    x̂0 of that iteration, so they enter the adversarial phase trained rather than fresh; 0 = heads untouched).
+    4-step grid 27.0), warmup_heads_every (every N-th warm-up iteration also trains the sampled heads, teacher
+    sample vs the student's x̂0 of that iteration, so they enter the adversarial phase trained rather than fresh;
+    0 = heads untouched).
     NitroFusion fine-tunes students that are already distilled (DMD2, Hyper-SDXL); a student copied from an
     undistilled teacher gets that starting point from this warm-up. The adversarial iterations after it have no
     regression term.
