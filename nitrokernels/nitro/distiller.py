@@ -58,13 +58,16 @@ import pickle
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from nitrokernels.nitro.discriminator import DynamicDiscriminator
+
+if TYPE_CHECKING:
+    from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
 
 __all__ = ["DistillConfig", "NitroDistiller", "PromptBank", "CheckpointError", "load_unet_weights", "save_image_grid",
            "convert_legacy_checkpoint", "state_digest"]
@@ -461,8 +464,10 @@ class NitroDistiller:
         grid_prompts: indices into the PromptBank for the sample grid (default: the first sample_count, cycled).
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, teacher_scheduler, prompts, config: DistillConfig,
-                 discriminator: DynamicDiscriminator | None = None, student_scheduler=None,
+    def __init__(self, teacher: nn.Module, student: nn.Module, teacher_scheduler: Any,
+                 prompts: PromptBank | Callable[..., tuple], config: DistillConfig,
+                 discriminator: DynamicDiscriminator | None = None,
+                 student_scheduler: TimestepShiftLCMScheduler | None = None,
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None, grid_prompts: torch.Tensor | None = None):
         from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
 
@@ -910,6 +915,8 @@ class NitroDistiller:
     # -------------------------------------------------------------------------------------- samples
     @torch.no_grad()
     def sample_one_step(self, noise: torch.Tensor, indices: torch.Tensor, use_ema: bool = True) -> torch.Tensor:
+        """The student's one-step x̂0 from `noise` for the prompts `indices` of the PromptBank, in eval mode and
+        without gradient (the EMA weights when `use_ema` and the run keeps an EMA); train mode is restored."""
         model = self.ema if (use_ema and self.ema is not None) else self.student
         was = model.training
         model.eval()

@@ -18,7 +18,12 @@ from nitrokernels.ops.geglu import geglu
 
 
 class FusedGEGLU(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int, bias: bool = True, *, device=None, dtype=None):
+    """hidden * gelu(gate) with (hidden, gate) = proj(x).chunk(2, -1): diffusers' GEGLU with the projection and
+    the gate fused (nitrokernels.ops.geglu). Same constructor and state-dict keys as diffusers' GEGLU; see the
+    module docstring. A `proj` wrapped, hooked or offloaded after fusing is called through for that call."""
+
+    def __init__(self, dim_in: int, dim_out: int, bias: bool = True, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2, bias=bias, device=device, dtype=dtype)
 

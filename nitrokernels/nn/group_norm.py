@@ -53,7 +53,8 @@ class GroupNormSiLU(nn.Module):
     __constants__ = ["num_groups", "num_channels", "eps", "affine", "act"]
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 act: str | None = "silu", device=None, dtype=None):
+                 act: str | None = "silu", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         for name, value in (("num_groups", num_groups), ("num_channels", num_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -73,6 +74,7 @@ class GroupNormSiLU(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """weight = 1, bias = 0 (as torch.nn.GroupNorm); nothing without affine."""
         if self.affine:
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)

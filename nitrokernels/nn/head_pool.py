@@ -202,7 +202,7 @@ class HeadPool(nn.Module):
 
     def __init__(self, levels: Sequence[tuple[int, int]] = SDXL_LEVELS, heads_per_level: int = 4,
                  hidden: int = 256, num_groups: int = 32, kind: str = "global", local_size: int = 8,
-                 eps: float = 1e-5, device=None, dtype=None):
+                 eps: float = 1e-5, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"HeadPool: kind must be one of {KINDS}, got {kind!r}")
@@ -252,16 +252,21 @@ class HeadPool(nn.Module):
     # ----------------------------------------------------------------------------------------- basics
     @property
     def num_heads(self) -> int:
+        """Heads in the pool: len(levels) * heads_per_level."""
         return len(self.levels) * self.heads_per_level
 
     @property
     def device(self) -> torch.device:
+        """The device of the pool's parameters."""
         return self.pools[0].final_bias.device
 
     def level_of(self, head_id: int) -> int:
+        """The feature level head `head_id` reads (head_id // heads_per_level); IndexError outside the pool."""
         return self._check_head_id(head_id) // self.heads_per_level
 
     def output_shape(self, num_ids: int, batch: int) -> tuple[int, ...]:
+        """Shape of the logits of `num_ids` heads on a batch: [num_ids, batch] (global) or
+        [num_ids, batch, local_size, local_size] (local)."""
         if self.kind == "global":
             return (num_ids, batch)
         return (num_ids, batch, self.local_size, self.local_size)

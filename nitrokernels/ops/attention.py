@@ -239,6 +239,7 @@ def attention_fallbacks() -> dict[str, int]:
 
 
 def reset_attention_fallbacks() -> None:
+    """Forget the fallbacks counted so far (`attention_fallbacks()` is {} afterwards; each reason logs again)."""
     _fallbacks.clear()
 
 

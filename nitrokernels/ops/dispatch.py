@@ -24,7 +24,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
 
@@ -226,7 +226,7 @@ def _env_forced() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def use_backend(backend: str, *ops: str):
+def use_backend(backend: str, *ops: str) -> Iterator[None]:
     """Force `backend` for the given ops (all ops when none are named) inside the `with` block."""
     if backend not in BACKENDS:
         raise ValueError(f"use_backend: backend must be one of {BACKENDS}, got {backend!r}")
