@@ -476,14 +476,47 @@ def _patch(model: nn.Module, caller: str, *, attention: bool, group_norm: bool, 
     return planner.run(strict)
 
 
-def patch_unet(unet: nn.Module, attention: bool = True, group_norm: bool = True, geglu: bool = True,
+# the flags' order before they became keyword-only (patch_unet and patch_vae had different orders)
+_LEGACY_ORDER = {"patch_unet": ("attention", "group_norm", "geglu", "strict"),
+                 "patch_vae": ("group_norm", "attention", "strict")}
+_DEFAULTS = {"attention": True, "group_norm": True, "geglu": True, "strict": False}
+
+
+def _legacy_flags(caller: str, legacy: tuple, flags: dict) -> dict:
+    """`flags` with the positional flags of the old signature applied (DeprecationWarning naming the keywords)."""
+    if not legacy:
+        return flags
+    order = _LEGACY_ORDER[caller]
+    if len(legacy) > len(order):
+        raise TypeError(f"{caller}() takes the model and keyword-only flags ({', '.join(order)}); got "
+                        f"{len(legacy)} flags by position")
+    given = dict(zip(order, legacy))
+    clash = [name for name, value in given.items() if flags[name] != _DEFAULTS[name] and flags[name] != value]
+    if clash:
+        raise TypeError(f"{caller}() got {', '.join(clash)} both by position and by keyword")
+    keywords = ", ".join(f"{name}={value!r}" for name, value in given.items())
+    import warnings
+
+    warnings.warn(f"{caller}: flags by position are deprecated (the order differed between patch_unet and "
+                  f"patch_vae); pass them by keyword: {caller}(model, {keywords})", DeprecationWarning, stacklevel=3)
+    return {**flags, **given}
+
+
+def patch_unet(unet: nn.Module, *legacy: bool, attention: bool = True, group_norm: bool = True, geglu: bool = True,
                strict: bool = False) -> PatchHandle:
     """Patch a loaded diffusers UNet (SD1.5 / SD2 / SDXL UNet2DConditionModel, or any model built from the
-    same blocks) in place with nitrokernels' fused blocks; see this module's docstring."""
-    return _patch(unet, "patch_unet", attention=attention, group_norm=group_norm, geglu=geglu, strict=strict)
+    same blocks) in place with nitrokernels' fused blocks; see this module's docstring. The flags are keywords
+    (`attention`, `group_norm`, `geglu`: which blocks to fuse; `strict`: raise on unsupported blocks); flags by
+    position still work in the old order (attention, group_norm, geglu, strict) with a DeprecationWarning."""
+    flags = _legacy_flags("patch_unet", legacy, dict(attention=attention, group_norm=group_norm, geglu=geglu,
+                                                     strict=strict))
+    return _patch(unet, "patch_unet", **flags)
 
 
-def patch_vae(vae: nn.Module, group_norm: bool = True, attention: bool = True, strict: bool = False) -> PatchHandle:
+def patch_vae(vae: nn.Module, *legacy: bool, attention: bool = True, group_norm: bool = True,
+              strict: bool = False) -> PatchHandle:
     """Patch a loaded diffusers VAE (AutoencoderKL: encoder and decoder ResnetBlock2Ds, mid-block attention,
-    output GroupNorm+SiLU) in place; see this module's docstring."""
-    return _patch(vae, "patch_vae", attention=attention, group_norm=group_norm, geglu=False, strict=strict)
+    output GroupNorm+SiLU) in place; see this module's docstring. The flags are keywords, as patch_unet's; flags
+    by position still work in the old order (group_norm, attention, strict) with a DeprecationWarning."""
+    flags = _legacy_flags("patch_vae", legacy, dict(attention=attention, group_norm=group_norm, strict=strict))
+    return _patch(vae, "patch_vae", geglu=False, **flags)

@@ -204,6 +204,29 @@ class _CustomProcessor(AttnProcessor):
     """A user's processor: subclasses a stock one but may do anything; must be kept."""
 
 
+def test_unet_flags_are_keywords_and_old_positions_are_deprecated():
+    """patch_unet(unet, *, attention, group_norm, geglu, strict): flags by position keep their old meaning
+    (attention, group_norm, geglu, strict) with a DeprecationWarning naming the keywords to use."""
+    import inspect
+
+    params = inspect.signature(nk.patch_unet).parameters
+    assert [p for p in params if params[p].kind is params[p].KEYWORD_ONLY] == ["attention", "group_norm", "geglu",
+                                                                               "strict"]
+    unet = make_unet("sd15")
+    with pytest.warns(DeprecationWarning, match=r"patch_unet\(model, attention=False, group_norm=False\)"):
+        handle = nk.patch_unet(unet, False, False)
+    assert set(handle.counts()) == {"geglu"}
+    handle.revert()
+    with pytest.warns(DeprecationWarning, match="geglu=False"):
+        handle = nk.patch_unet(unet, True, False, False)
+    assert set(handle.counts()) == {"attention"}
+    handle.revert()
+    with pytest.raises(TypeError, match="attention both by position and by keyword"):
+        nk.patch_unet(unet, True, attention=False)
+    with pytest.raises(TypeError, match="5 flags by position"):
+        nk.patch_unet(unet, True, True, True, False, True)
+
+
 def test_custom_processor_is_kept_and_strict_raises(caplog):
     unet = make_unet("sd15")
     custom_path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
@@ -368,3 +391,24 @@ def test_patch_vae_matches_unpatched(backend):
     assert_close(grad_patched, grad_ref, name="decoder input grad")
     with torch.no_grad():
         assert torch.equal(vae.decode(z).sample, ref_dec)
+
+
+def test_vae_flags_are_keywords_and_old_positions_are_deprecated():
+    """patch_vae(vae, *, attention, group_norm, strict) in patch_unet's order; its old positional order was
+    (group_norm, attention, strict), and a positional flag still means what it meant, with a DeprecationWarning."""
+    import inspect
+
+    params = inspect.signature(nk.patch_vae).parameters
+    assert [p for p in params if params[p].kind is params[p].KEYWORD_ONLY] == ["attention", "group_norm", "strict"]
+    vae = make_vae().eval()
+    handle = nk.patch_vae(vae, attention=False)
+    assert "attention" not in handle.counts() and "resnet" in handle.counts()
+    handle.revert()
+    with pytest.warns(DeprecationWarning, match=r"patch_vae\(model, group_norm=False\)"):
+        handle = nk.patch_vae(vae, False)  # the old first flag was group_norm
+    assert set(handle.counts()) == {"attention"}
+    handle.revert()
+    with pytest.warns(DeprecationWarning, match="group_norm=True, attention=False"):
+        handle = nk.patch_vae(vae, True, False)
+    assert "attention" not in handle.counts() and "group_norm_silu" in handle.counts()
+    handle.revert()
