@@ -97,7 +97,7 @@ def head_stack_batched_eager(feature, conv_weights, conv_biases, norm_weights, n
     return (out, pre_norm) if return_intermediates else out
 
 
-# ===================================================================== attention / GEGLU / LayerNorm (attention.py, geglu.py)
+# ===================================================================== attention / GEGLU (attention.py, geglu.py)
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                         attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q @ k^T * scale + mask) @ v over the last two dims; a bool mask keeps the True positions."""
@@ -117,19 +117,3 @@ def geglu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     proj = F.linear(x, weight, bias)
     hidden, gate = proj.chunk(2, dim=-1)
     return hidden * F.gelu(gate)
-
-
-def layer_norm_reference(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
-                         bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) * weight + bias over the trailing `normalized_shape` dims (biased var)."""
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
-    dims = tuple(range(-len(normalized_shape), 0))
-    mean = x.mean(dim=dims, keepdim=True)
-    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
-    y = (x - mean) / torch.sqrt(var + eps)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
