@@ -715,6 +715,26 @@ def test_load_unet_weights_from_safetensors(tmp_path):
         load_unet_weights(dst, str(tmp_path / "missing.safetensors"))
 
 
+def test_checkpoint_reader_and_tensor_walk_have_public_names():
+    """read_checkpoint / walk_tensors are distiller's public names for what pipeline.py (and distill_cli) used to
+    import as _read_checkpoint / _walk; the old private names stay as the same objects, and pipeline.py imports no
+    private name from the distiller."""
+    import ast
+    import pathlib
+
+    from nitrokernels.nitro import distiller, pipeline
+
+    assert distiller.read_checkpoint is distiller._read_checkpoint and distiller.walk_tensors is distiller._walk
+    assert {"read_checkpoint", "walk_tensors"} <= set(distiller.__all__)
+    t, u = torch.zeros(2), torch.ones(1)
+    walked = list(distiller.walk_tensors({"a": t, "added_cond_kwargs": {"time_ids": u, "note": "x"}}))
+    assert [k for k, _ in walked] == ["a", "added_cond_kwargs.time_ids"] and walked[1][1] is u
+    tree = ast.parse(pathlib.Path(pipeline.__file__).read_text())
+    private = [alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               and node.module == "nitrokernels.nitro.distiller" for alias in node.names if alias.name.startswith("_")]
+    assert not private, f"pipeline.py imports private distiller names {private}"
+
+
 def test_save_image_grid(tmp_path):
     from PIL import Image
 

@@ -202,6 +202,69 @@ def test_mismatched_safetensors(tiny, tmp_path):
             load_pipeline(base, unet_weights=path, device="cpu")
 
 
+def test_one_load_unet_weights(tiny, tmp_path):
+    """nitro.distiller.load_unet_weights IS nitro.pipeline.load_unet_weights: one loader for a module (filled in
+    place, training state kept) or a UNet config folder (built on meta, frozen), with one set of errors for both;
+    the old pipeline call form (path, unet_config_dir, unet_class, dtype) still works with a DeprecationWarning."""
+    import warnings
+
+    from diffusers import UNet2DConditionModel
+
+    from nitrokernels.nitro import distiller, pipeline
+
+    assert distiller.load_unet_weights is pipeline.load_unet_weights
+    base, unet_file = tiny
+    expected = load_file(unet_file)
+    config_dir = base / "unet"
+
+    def fresh():
+        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir)).train()
+
+    def same(unet):
+        return all(torch.equal(v, expected[k]) for k, v in unet.state_dict().items())
+
+    module = fresh()
+    assert pipeline.load_unet_weights(module, unet_file) is module and same(module)
+    assert module.training and all(p.requires_grad for p in module.parameters())  # a student stays trainable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new forms do not warn
+        built = pipeline.load_unet_weights(config_dir, unet_file, dtype=torch.float64)
+    assert not built.training and not any(p.requires_grad for p in built.parameters())
+    assert next(built.parameters()).dtype == torch.float64
+    with pytest.warns(DeprecationWarning, match="pass the UNet .or its config folder. first"):
+        old = pipeline.load_unet_weights(unet_file, config_dir, UNet2DConditionModel, torch.float32)
+    assert same(old) and not old.training
+
+    prefixed = tmp_path / "prefixed.safetensors"
+    save_file({f"model.{k}": v for k, v in expected.items()}, prefixed)
+    assert same(pipeline.load_unet_weights(fresh(), prefixed, prefix="model."))
+    folder = tmp_path / "student"
+    pipeline.load_unet_weights(fresh(), unet_file).save_pretrained(folder)  # a UNet folder (`distill`'s student/)
+    assert same(pipeline.load_unet_weights(fresh(), folder))
+
+    extra = tmp_path / "extra.safetensors"
+    save_file(dict(expected, **{"lora.down.weight": torch.zeros(2, 2)}), extra)
+    assert same(pipeline.load_unet_weights(fresh(), extra, strict=False))  # unexpected keys skipped
+    shapes = tmp_path / "shapes.safetensors"
+    key = sorted(expected)[0]
+    save_file(dict(expected, **{key: torch.zeros(1, *expected[key].shape)}), shapes)
+    for target in (fresh(), config_dir):  # the same errors for a module and a config folder
+        with pytest.raises(UNetWeightsError, match=r"extra.safetensors does not fit the UNet2DConditionModel "
+                                                   r".*1 unexpected key\(s\): lora.down.weight"):
+            pipeline.load_unet_weights(target, extra)
+        with pytest.raises(UNetWeightsError, match=rf"shapes.safetensors does not fit .*1 shape mismatch.*{key}"):
+            pipeline.load_unet_weights(target, shapes, strict=False)  # shapes are checked even when not strict
+        with pytest.raises(FileNotFoundError, match="UNet weights .*missing.safetensors do not exist"):
+            pipeline.load_unet_weights(target, tmp_path / "missing.safetensors")
+    untouched = fresh()
+    before = {k: v.clone() for k, v in untouched.state_dict().items()}
+    with pytest.raises(UNetWeightsError):
+        pipeline.load_unet_weights(untouched, shapes)
+    assert all(torch.equal(v, before[k]) for k, v in untouched.state_dict().items())
+    with pytest.raises(TypeError, match="a UNet module or its config folder"):
+        pipeline.load_unet_weights(None, unet_file)
+
+
 def test_bad_options(tiny):
     base, _ = tiny
     with pytest.raises(ValueError, match="shift"):

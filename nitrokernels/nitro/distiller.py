@@ -58,7 +58,7 @@ import pickle
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ if TYPE_CHECKING:
     from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
 
 __all__ = ["DistillConfig", "NitroDistiller", "PromptBank", "CheckpointError", "load_unet_weights", "save_image_grid",
-           "convert_legacy_checkpoint", "state_digest"]
+           "convert_legacy_checkpoint", "read_checkpoint", "state_digest", "walk_tensors"]
 
 log = logging.getLogger("nitrokernels")
 CHECKPOINT_FORMAT = "nitrokernels-nitrofusion-distill-v2"
@@ -287,12 +287,18 @@ class PromptBank:
         return cond, uncond, idx
 
 
-def _walk(kwargs, prefix=""):
+def walk_tensors(kwargs: Mapping, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) of every tensor in nested conditioning kwargs, depth first in insertion order:
+    {"a": t, "added_cond_kwargs": {"time_ids": u}} -> ("a", t), ("added_cond_kwargs.time_ids", u). Non-tensor
+    leaves are skipped."""
     for key, value in kwargs.items():
         if isinstance(value, torch.Tensor):
             yield prefix + key, value
         elif isinstance(value, Mapping):
-            yield from _walk(value, prefix + key + ".")
+            yield from walk_tensors(value, prefix + key + ".")
+
+
+_walk = walk_tensors  # the old private name (kept for callers that import it)
 
 
 def _map(kwargs, fn):
@@ -306,37 +312,14 @@ def _cat_cond(a: Mapping, b: Mapping) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- weights
-def load_unet_weights(unet: nn.Module, path: str, prefix: str | None = None, strict: bool = True,
-                      expected_sha256: str | None = None) -> nn.Module:
-    """Load a local safetensors file (e.g. nitrosd-realism_unet.safetensors) into a diffusers UNet.
+def __getattr__(name: str):
+    # load_unet_weights lives in nitro.pipeline (one loader, one set of errors); this name is the same function,
+    # resolved on first use so that importing the trainer does not import diffusers (pipeline's scheduler does)
+    if name == "load_unet_weights":
+        from nitrokernels.nitro.pipeline import load_unet_weights
 
-    Keys may carry a prefix ("unet.", "model.diffusion_model." is NOT converted: use diffusers-format weights);
-    `prefix=None` strips a leading "unet." when every key has it. Missing / unexpected keys or shape mismatches
-    raise a ValueError naming the first few. `expected_sha256`: the file's published sha256 (checked first); a
-    tensors digest nitrokernels stored in the metadata is always verified (nitro.pipeline.verify_safetensors).
-    """
-    from safetensors.torch import load_file
-
-    from nitrokernels.nitro.pipeline import verify_safetensors
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_unet_weights: {path} is not a file")
-    state = load_file(path)
-    verify_safetensors(path, state, expected_sha256)
-    if prefix is None and state and all(k.startswith("unet.") for k in state):
-        prefix = "unet."
-    if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    own = unet.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    if shapes or (strict and (missing or unexpected)):
-        raise ValueError(f"load_unet_weights: {path} does not fit this UNet: {len(missing)} missing "
-                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, shape mismatches {shapes[:3]}")
-    unet.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own}, strict=strict)
-    return unet
+        return load_unet_weights
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def save_image_grid(images: torch.Tensor, path: str, nrow: int = 10, scale: int = 4, pad: int = 1) -> str:
@@ -1148,8 +1131,10 @@ def state_digest(state) -> str:
     return h.hexdigest()
 
 
-def _read_checkpoint(path: str) -> dict:
-    """torch.load(weights_only=True) + format and digest checks (CheckpointError)."""
+def read_checkpoint(path: str) -> dict:
+    """The state dict of a NitroDistiller checkpoint file (checkpoint.pt): read with torch.load(weights_only=True)
+    (no code can run), its format and content digest (state_digest) checked. Raises CheckpointError naming the
+    file when it is pickled (an older format), unreadable, of another format or edited. Loads into no model."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -1177,6 +1162,9 @@ def _read_checkpoint(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt: its content digest is {actual[:16]}..., the file "
                               f"records {stored[:16]}... (flipped or edited bytes); it was not loaded")
     return state
+
+
+_read_checkpoint = read_checkpoint  # the old private name (kept for callers that import it)
 
 
 def convert_legacy_checkpoint(src: str, dst: str) -> str:

@@ -198,10 +198,12 @@ def check_unet_weights(path: str, unet: nn.Module) -> None:
     _check_fits(path, _read_safetensors_header(path), unet)
 
 
-def _check_fits(path: str, found: Dict[str, tuple], unet: nn.Module) -> None:
+def _check_fits(path: str, found: Dict[str, tuple], unet: nn.Module, strict: bool = True) -> None:
+    """UNetWeightsError naming `path` and the first offending keys unless `found` ({key: shape}) fits `unet`:
+    the same keys (strict) and the same shape for every key both hold."""
     expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
+    missing = sorted(set(expected) - set(found)) if strict else []
+    unexpected = sorted(set(found) - set(expected)) if strict else []
     wrong = [f"{k} (file {list(found[k])}, model {list(expected[k])})"
              for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
     problems = []
@@ -212,52 +214,124 @@ def _check_fits(path: str, found: Dict[str, tuple], unet: nn.Module) -> None:
     if wrong:
         problems.append(f"{len(wrong)} shape mismatch(es): {_first(wrong)}")
     if problems:
-        raise UNetWeightsError(f"{path} does not fit the {type(unet).__name__} of the base model "
-                               f"({len(expected)} tensors expected, {len(found)} in the file): " + "; ".join(problems))
+        raise UNetWeightsError(f"{path} does not fit the {type(unet).__name__} ({len(expected)} tensors "
+                               f"expected, {len(found)} in the file): " + "; ".join(problems))
 
 
-def load_unet_weights(path: Union[str, os.PathLike], unet_config_dir: Union[str, os.PathLike],
-                      unet_class=None, dtype: Optional[torch.dtype] = None,
-                      expected_sha256: Optional[str] = None) -> nn.Module:
-    """Build the UNet described by `unet_config_dir/config.json` and fill it from the safetensors file `path`.
+def load_unet_weights(unet: Union[nn.Module, str, os.PathLike], path: Union[str, os.PathLike],
+                      prefix: Optional[str] = None, strict: bool = True, expected_sha256: Optional[str] = None, *,
+                      dtype: Optional[torch.dtype] = None, unet_class: Optional[type] = None) -> nn.Module:
+    """Load the UNet weights `path` into `unet` and return the UNet: the one loader of load_pipeline, `nitrokernels
+    distill` and nitrokernels.nitro.distiller.load_unet_weights (the same function).
 
-    The UNet is created on the meta device (no random init, no base weights read) and takes the file's tensors
-    (cast to `dtype` when given). Errors name the file and the first bad keys. `expected_sha256`: the file's
-    published sha256, checked before anything is loaded; a digest nitrokernels stored in the file's metadata is
-    always verified (see verify_safetensors).
+    unet: a UNet module, filled in place (its train mode and requires_grad untouched; on the meta device it takes
+      the file's tensors), or a UNet folder holding config.json (e.g. <base model>/unet): a `unet_class` (default
+      diffusers' UNet2DConditionModel) is built from it on the meta device -- no random init, no base weights
+      read -- and returned in eval mode without gradients.
+    path: a .safetensors file of a UNet state dict (a leading "unet." on every key is stripped; `prefix`: take the
+      keys under that prefix instead, "model.diffusion_model." is NOT converted: use diffusers-format weights), a
+      diffusers UNet folder or a NitroDistiller checkpoint.pt (see read_unet_state).
+    strict: the file holds exactly the UNet's keys (False: missing / unexpected keys are skipped); shapes always
+      have to match. dtype: the loaded tensors' dtype (default: a module's own, a built UNet's the file's).
+    expected_sha256: the file's published sha256, checked before anything is loaded; a digest nitrokernels stored
+      is always verified (verify_safetensors). A .safetensors file's keys and shapes are checked on its header
+      before its tensors are read.
+    Raises FileNotFoundError, or UNetWeightsError (a ValueError) naming the file and its first offending keys,
+    before the UNet is modified. The old nitro.pipeline call form load_unet_weights(path, unet_config_dir,
+    unet_class, dtype) still works, with a DeprecationWarning.
     """
+    unet, path, prefix, strict, unet_class, dtype = _legacy_load_call(unet, path, prefix, strict, unet_class, dtype)
+    return _load_unet(unet, path, prefix=prefix, strict=strict, expected_sha256=expected_sha256, dtype=dtype,
+                      unet_class=unet_class)[0]
+
+
+def _legacy_load_call(unet, path, prefix, strict, unet_class, dtype):
+    """nitro.pipeline's old load_unet_weights(path, unet_config_dir, unet_class=None, dtype=None) -> the new form."""
+    if not isinstance(unet, (nn.Module, str, os.PathLike)):
+        raise TypeError(f"load_unet_weights: unet must be a UNet module or its config folder, got "
+                        f"{type(unet).__name__}")
+    if isinstance(unet, nn.Module) or not os.fspath(unet).endswith(".safetensors") or \
+            not os.path.isfile(os.path.join(os.fspath(path), "config.json")):
+        return unet, path, prefix, strict, unet_class, dtype
+    import warnings
+
+    warnings.warn("load_unet_weights(path, unet_config_dir, ...) is deprecated: pass the UNet (or its config folder) "
+                  "first, load_unet_weights(unet_config_dir, path, unet_class=..., dtype=...)", DeprecationWarning,
+                  stacklevel=3)
+    if prefix is not None and not isinstance(prefix, str):  # the old third positional: unet_class
+        unet_class, prefix = prefix, None
+    if not isinstance(strict, bool):  # the old fourth positional: dtype
+        dtype, strict = strict, True
+    return path, unet, prefix, strict, unet_class, dtype
+
+
+def _unet_keys(state: Dict[str, Any], prefix: Optional[str] = None) -> Dict[str, Any]:
+    """The UNet's entries of a safetensors file's {key: tensor or shape}: under `prefix` (stripped) when given;
+    else all of them, without a leading "unet." every key has, or a digits asset's "unet." group."""
+    if prefix:
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if state and all(k.startswith("unet.") for k in state):
+        return {k[len("unet."):]: v for k, v in state.items()}
+    if any(k.startswith("unet.") for k in state) and any(k.startswith("encoder.") for k in state):
+        return {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}  # a digits asset
+    return state
+
+
+def _load_unet(unet, path, *, prefix=None, strict=True, expected_sha256=None, dtype=None, unet_class=None
+               ) -> tuple:
+    """load_unet_weights -> (unet, info of read_unet_state)."""
     from safetensors.torch import load_file
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"UNet weights file {path} does not exist" if not os.path.exists(path)
-                                else f"UNet weights path {path} is not a file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"UNet weights {path} do not exist")
     if expected_sha256 is not None:
         _check_hex(expected_sha256)
-    if unet_class is None:
-        from diffusers import UNet2DConditionModel as unet_class
-    config = unet_class.load_config(os.fspath(unet_config_dir))
-    with torch.device("meta"):
-        unet = unet_class.from_config(config)
-    check_unet_weights(path, unet)
-    try:
-        state = load_file(path, device="cpu")
-    except Exception as err:
-        raise UNetWeightsError(f"{path}: reading the tensors failed ({type(err).__name__}: {err})") from err
-    verify_safetensors(path, state, expected_sha256)
-    return _unet_from_state(unet_class, config, unet, state, dtype)
+    config = None
+    if not isinstance(unet, nn.Module):
+        config_dir = os.fspath(unet)
+        if not os.path.isfile(os.path.join(config_dir, "config.json")):
+            raise FileNotFoundError(f"{config_dir}/config.json does not exist: load_unet_weights takes a UNet "
+                                    f"module or a UNet folder with its config.json")
+        if unet_class is None:
+            from diffusers import UNet2DConditionModel as unet_class
+        config = unet_class.load_config(config_dir)
+        with torch.device("meta"):
+            unet = unet_class.from_config(config)
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        _check_fits(path, _unet_keys(_read_safetensors_header(path), prefix), unet, strict)  # before any tensor
+        try:
+            state = load_file(path, device="cpu")
+        except Exception as err:
+            raise UNetWeightsError(f"{path}: reading the tensors failed ({type(err).__name__}: {err})") from err
+        verify_safetensors(path, state, expected_sha256)
+        state, info = _unet_keys(state, prefix), {"source": "safetensors", "shift": _run_shift(path), "config_dir": None}
+    else:
+        if prefix:
+            raise ValueError(f"load_unet_weights: prefix= selects keys of a .safetensors file; {path} is not one")
+        state, info = read_unet_state(path, expected_sha256)
+        _check_fits(path, {k: tuple(v.shape) for k, v in state.items()}, unet, strict)
+    if config is not None:
+        return _unet_from_state(unet_class, config, unet, state, dtype, strict), info
+    own = unet.state_dict()
+    state = {k: v.to(dtype or own[k].dtype) if v.is_floating_point() else v for k, v in state.items() if k in own}
+    unet.load_state_dict(state, strict=strict, assign=any(t.is_meta for t in own.values()))
+    return unet, info
 
 
 def _unet_from_state(unet_class, config, unet: nn.Module, state: Dict[str, torch.Tensor],
-                     dtype: Optional[torch.dtype]) -> nn.Module:
+                     dtype: Optional[torch.dtype], strict: bool = True) -> nn.Module:
     """Fill the meta-device `unet` (built from `config`) with the checked `state`."""
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    unet.load_state_dict(state, strict=True, assign=True)
+    if not strict:
+        own = unet.state_dict()
+        state = {k: v for k, v in state.items() if k in own}
+    unet.load_state_dict(state, strict=strict, assign=True)
     still_meta = [name for name, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]
-    if still_meta:  # a tensor outside the state dict (a non-persistent buffer): build it for real instead
-        real = unet_class.from_config(config)
-        real.load_state_dict(state, strict=True)
+    if still_meta:  # a tensor outside the state dict (a non-persistent buffer, a key strict=False skipped): build
+        real = unet_class.from_config(config)  # it for real instead
+        real.load_state_dict(state, strict=strict)
         unet = real.to(dtype) if dtype is not None else real
     return unet.eval().requires_grad_(False)
 
@@ -301,7 +375,7 @@ def read_unet_state(path: Union[str, os.PathLike], expected_sha256: Optional[str
         info.update(source="folder", config_dir=path)
         path = os.path.join(path, (preferred or names)[0])
     if not path.endswith(".safetensors"):
-        from nitrokernels.nitro.distiller import CheckpointError, _read_checkpoint
+        from nitrokernels.nitro.distiller import CheckpointError, read_checkpoint
 
         if expected_sha256 is not None and file_sha256(path) != _check_hex(expected_sha256):
             raise UNetWeightsError(f"{path}: sha256 {file_sha256(path)} does not match expected_sha256 "
@@ -312,7 +386,7 @@ def read_unet_state(path: Union[str, os.PathLike], expected_sha256: Optional[str
             raise UNetWeightsError(f"{path}: not a .safetensors file, a UNet folder or a torch checkpoint "
                                    f"(NitroDistiller's checkpoint.pt); the file may be truncated or corrupt")
         try:
-            checkpoint = _read_checkpoint(path)
+            checkpoint = read_checkpoint(path)
         except CheckpointError as err:
             raise UNetWeightsError(f"{err}. UNet weights are a .safetensors file, a UNet folder or a "
                                    f"NitroDistiller checkpoint.pt") from None
@@ -332,11 +406,7 @@ def read_unet_state(path: Union[str, os.PathLike], expected_sha256: Optional[str
     except Exception as err:
         raise UNetWeightsError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
     verify_safetensors(path, state, expected_sha256)
-    if state and all(k.startswith("unet.") for k in state):
-        state = {k[len("unet."):]: v for k, v in state.items()}
-    elif any(k.startswith("unet.") for k in state) and any(k.startswith("encoder.") for k in state):
-        state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}  # a digits asset
-    return state, info
+    return _unet_keys(state), info
 
 
 def _run_shift(path: str) -> Optional[float]:
@@ -622,17 +692,9 @@ def load_pipeline(base_model: Union[str, os.PathLike], unet_weights: Union[str, 
             raise FileNotFoundError(f"{unet_dir}/config.json is missing: the UNet config of the base model is "
                                     "needed to load unet_weights")
         unet_class = getattr(diffusers, class_name)
-        weights = os.fspath(unet_weights)
-        if os.path.isfile(weights) and weights.endswith(".safetensors"):  # keys checked on the header first
-            components["unet"] = load_unet_weights(weights, unet_dir, unet_class, dtype, expected_sha256=unet_sha256)
-        else:  # a UNet folder or a NitroDistiller checkpoint
-            state, info = read_unet_state(weights, unet_sha256)
-            recorded.insert(0, info.get("shift"))  # a checkpoint's own config first
-            config = unet_class.load_config(unet_dir)
-            with torch.device("meta"):
-                unet = unet_class.from_config(config)
-            _check_fits(weights, {k: tuple(v.shape) for k, v in state.items()}, unet)
-            components["unet"] = _unet_from_state(unet_class, config, unet, state, dtype)
+        components["unet"], info = _load_unet(unet_dir, unet_weights, expected_sha256=unet_sha256, dtype=dtype,
+                                              unet_class=unet_class)
+        recorded.insert(0, info.get("shift"))  # a checkpoint's own config first
     if shift is None:
         shift = next((v for v in recorded if v is not None), 250)
         TimestepShiftLCMScheduler(shift=shift)
