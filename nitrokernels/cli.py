@@ -12,7 +12,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Subcommands implemented elsewhere: module with add_arguments(parser) and run(args) -> int.
 DELEGATED = {
-    "demo": ("nitrokernels.nitro.demo",
+    "demo": ("nitrokernels.digits.demo",
              "distil the embedded digits teacher into a one-step student with a NitroFusion head pool "
              "and evaluate it (the main job; runs on a CPU in minutes)"),
     "distill": ("nitrokernels.nitro.distill_cli",

@@ -13,7 +13,7 @@ import os
 import torch
 
 from nitrokernels.nitro import DynamicDiscriminator, TimestepShiftLCMScheduler, sample
-from nitrokernels.nitro import digits
+from nitrokernels.digits import data as digits
 from nitrokernels.optim import SampledAdamW, clip_grad_norm_
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,5 +1,5 @@
 """Train the digits teacher (a class-conditional diffusion UNet) and the digits classifier, and write the
-shipped assets under nitrokernels/assets/ (fp16 safetensors):
+shipped assets under nitrokernels/digits/assets/ (fp16 safetensors):
 
     python python/train_digits_teacher.py --threads 1     # seed 0: the shipped checkpoints (1500 teacher steps;
                                                           # ~8 min on one idle core, ~15 min on a busy machine)
@@ -10,7 +10,7 @@ generators, on the CPU with torch.use_deterministic_algorithms; the result is bi
 seed, torch version (2.13 CPU) and thread count; another thread count changes the floating-point summation
 order and so the last bits of the weights. The shipped files were made in two runs, seed 0:
 `--only classifier` (2 threads, the default) and `--only teacher --threads 1`. The data are scikit-learn's bundled 8x8 digits
-upsampled to 16x16 (nitrokernels.nitro.digits.load_digits); nothing is downloaded.
+upsampled to 16x16 (nitrokernels.digits.data.load_digits); nothing is downloaded.
 
 Teacher recipe: epsilon-prediction DDPM loss on Stable Diffusion's noise schedule, AdamW (lr 1e-3, 100-step
 warm-up, cosine decay), batch 64, the label replaced by the empty prompt (10) 10% of the time (so the
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nitrokernels.nitro import digits  # noqa: E402
+from nitrokernels.digits import data as digits  # noqa: E402
 
 
 def train_teacher(steps: int, seed: int, batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.995,

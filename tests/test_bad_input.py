@@ -94,7 +94,7 @@ def test_distill_config_refuses_bad_settings(field, value, match):
 
 # ------------------------------------------------------------------------------------------ models
 def _tiny_unet(seed=0, **overrides):
-    from nitrokernels.nitro import digits
+    from nitrokernels.digits import data as digits
 
     torch.manual_seed(seed)
     config = dict(block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=8, attention_head_dim=4)
@@ -109,7 +109,7 @@ def _bank(width=8, uncond=True):
 
 
 def test_distiller_checks_models_at_construction():
-    from nitrokernels.nitro import digits
+    from nitrokernels.digits import data as digits
     from nitrokernels.nitro.distiller import DistillConfig, NitroDistiller
 
     teacher = _tiny_unet()
@@ -399,7 +399,7 @@ def test_discriminator_checks_its_inputs_against_the_backbone():
 
 
 def test_distiller_checks_grid_prompts_and_train_steps():
-    from nitrokernels.nitro import digits
+    from nitrokernels.digits import data as digits
     from nitrokernels.nitro.distiller import DistillConfig, NitroDistiller
 
     teacher = _tiny_unet()
@@ -420,7 +420,7 @@ def test_distiller_checks_grid_prompts_and_train_steps():
 
 
 def test_distiller_checks_a_given_discriminator_against_the_student():
-    from nitrokernels.nitro import digits
+    from nitrokernels.digits import data as digits
     from nitrokernels.nitro.discriminator import DynamicDiscriminator
     from nitrokernels.nitro.distiller import DistillConfig, NitroDistiller
 

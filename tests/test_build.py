@@ -182,6 +182,26 @@ def test_tensor_core_hot_loops_in_sass(family):
 WGMMA_FAMILIES = {"heads", "attention", "geglu"}
 
 
+SHIPPED_ASSETS = {os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "nitrokernels", "digits", "assets", "*"))}
+
+
+def test_package_data_and_manifest_cover_the_digits_assets():
+    """Every file of the digits demo's assets (nitrokernels/digits/assets/) is matched by pyproject's package-data
+    (wheels) and MANIFEST.in (the sdist), and nothing is left at the pre-split path nitrokernels/assets/."""
+    import fnmatch
+    import tomllib
+
+    assert len(SHIPPED_ASSETS) == 3 and not os.path.exists(os.path.join(REPO, "nitrokernels", "assets"))
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["nitrokernels"]
+    manifest = [line.split() for line in open(os.path.join(REPO, "MANIFEST.in")) if line.startswith("recursive-include")]
+    for asset in SHIPPED_ASSETS:
+        inside = os.path.relpath(asset, "nitrokernels").replace(os.sep, "/")
+        assert any(fnmatch.fnmatch(inside, pattern) for pattern in package_data), (asset, package_data)
+        assert any(asset.startswith(folder + os.sep) and any(fnmatch.fnmatch(os.path.basename(asset), g) for g in globs)
+                   for _, folder, *globs in manifest), asset
+
+
 @pytest.mark.slow
 def test_sdist_ships_the_sources_and_installs(tmp_path):
     """The source distribution carries csrc/ (its extension sources), the assets and py.typed, and a
@@ -196,14 +216,16 @@ def test_sdist_ships_the_sources_and_installs(tmp_path):
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
     sources = {os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "csrc", "**", "*.c*"), recursive=True)}
     assert sources and sources <= names, sorted(sources - names)
-    assert {"nitrokernels/py.typed", "MANIFEST.in", "nitrokernels/assets/digits_teacher.safetensors"} <= names
+    assert {"nitrokernels/py.typed", "MANIFEST.in", *SHIPPED_ASSETS} <= names
     target = tmp_path / "site"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                            "--target", str(target), str(sdist)], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "NITROKERNELS_BUILD_EXT": "auto"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     probe = ("import nitrokernels, os; from nitrokernels import _ext; d = os.path.dirname(nitrokernels.__file__); "
-             "assert os.path.exists(os.path.join(d, 'py.typed')); print(d, _ext.build_info().get('reason'))")
+             "assert os.path.exists(os.path.join(d, 'py.typed')); "
+             f"assert all(os.path.isfile(os.path.join(d, '..', a)) for a in {sorted(SHIPPED_ASSETS)!r}); "
+             "print(d, _ext.build_info().get('reason'))")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(target)})
     assert proc.returncode == 0 and str(target) in proc.stdout, proc.stderr[-3000:]

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from nitrokernels.nitro import digits
+from nitrokernels.digits import data as digits
 from nitrokernels.nitro.distiller import (CHECKPOINT_FORMAT, CheckpointError, DistillConfig, NitroDistiller,
                                           PromptBank, convert_legacy_checkpoint, state_digest)
 
@@ -346,7 +346,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path, mode):
 
 def test_shipped_assets_carry_a_verified_digest():
     """The package's own weight files carry the tensor digest save_asset writes, and it matches their tensors."""
-    from nitrokernels.nitro import digits
+    from nitrokernels.digits import data as digits
     from nitrokernels.nitro.pipeline import verify_safetensors
 
     for name in (digits.TEACHER_ASSET, digits.STUDENT_ASSET, digits.CLASSIFIER_ASSET):

@@ -103,7 +103,7 @@ def test_generate_invalid_model_index_names_the_file(capsys, tmp_path):
 
 
 def test_generate_verifies_the_unet_sha256(capsys, tmp_path):
-    from nitrokernels.nitro import digits
+    from nitrokernels.digits import data as digits
     from nitrokernels.nitro.pipeline import file_sha256
 
     asset = digits.asset_path(digits.STUDENT_ASSET)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nitrokernels import use_backend
-from nitrokernels.nitro import demo, digits
+from nitrokernels.digits import data as digits, demo
 
 
 def test_shipped_assets_load_and_are_small():

@@ -33,7 +33,7 @@ def tiny_sdxl_unet():
 
 
 def tiny_digits_unet():
-    from nitrokernels.nitro import digits
+    from nitrokernels.digits import data as digits
 
     return digits.make_digits_unet(block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=16,
                                    attention_head_dim=4).to(DEVICE)

@@ -550,7 +550,8 @@ def test_lora_distill_then_generate_lora_equals_the_in_memory_student(tmp_path, 
     import numpy as np
     from PIL import Image
 
-    from nitrokernels.nitro import digits, generate
+    from nitrokernels.digits import data as digits
+    from nitrokernels.nitro import generate
 
     students = []
     add_lora = distill_cli.add_lora

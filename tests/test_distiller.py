@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from nitrokernels.nitro import digits
+from nitrokernels.digits import data as digits
 from nitrokernels.nitro.distiller import (CheckpointError, DistillConfig, NitroDistiller, PromptBank,
                                           load_unet_weights, save_image_grid)
 

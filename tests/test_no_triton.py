@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
 
     import copy, tempfile
     import torch
-    from nitrokernels.nitro import digits
+    from nitrokernels.digits import data as digits
     from nitrokernels.nitro.discriminator import DynamicDiscriminator
     from nitrokernels.nitro.distiller import DistillConfig, NitroDistiller, PromptBank
     from nitrokernels.patch import patch_unet

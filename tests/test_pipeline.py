@@ -289,7 +289,7 @@ def cli_args(**overrides):
 def digits_student(tmp_path):
     """The shipped digits student if `nitrokernels demo` has written it, else a random-weight one (the CLI
     path is the same; only the drawings differ)."""
-    digits = pytest.importorskip("nitrokernels.nitro.digits")
+    digits = pytest.importorskip("nitrokernels.digits.data")
     if os.path.exists(digits.asset_path(digits.STUDENT_ASSET)):
         return None
     torch.manual_seed(0)
@@ -318,7 +318,7 @@ def test_generate_digits_writes_pngs(tmp_path, capsys):
 
 
 def test_generate_digits_draws_the_prompted_digit(tmp_path, capsys):
-    digits = pytest.importorskip("nitrokernels.nitro.digits")
+    digits = pytest.importorskip("nitrokernels.digits.data")
     for asset in (digits.STUDENT_ASSET, digits.CLASSIFIER_ASSET):
         if not os.path.exists(digits.asset_path(asset)):
             pytest.skip(f"{asset} is not shipped yet (written by `nitrokernels demo` / train_digits_teacher.py)")

@@ -289,7 +289,7 @@ def resolve(args) -> RunSpec:
     # DistillConfig: DistillConfig defaults < preset < the resumed run's config.json < file < flags
     base = {}
     if preset == "digits":
-        from nitrokernels.nitro import demo
+        from nitrokernels.digits import demo
 
         device = vars(args).get("device") or file_cfg.get("device") or ("cuda" if _cuda() else "cpu")
         steps = vars(args).get("steps", file_cfg.get("steps", saved_distill.get("steps", demo.DEFAULT["steps"])))
@@ -659,15 +659,15 @@ def cached_prompt_bank(spec: RunSpec, unet_config, ctx, device="cpu"):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from nitrokernels.nitro.distiller import PromptBank, _walk  # _walk: (dotted name, tensor) of nested kwargs
+    from nitrokernels.nitro.distiller import PromptBank, walk_tensors
 
     path = os.path.join(spec.out, EMBED_CACHE)
     digest = file_sha256(spec.prompts)
     if ctx.is_main and not os.path.exists(path):
         prompts = read_prompts(spec.prompts)
         bank = encode_prompts(prompts, spec.pipeline, unet_config, device)
-        flat = {f"cond.{k}": v.contiguous() for k, v in _walk(bank["cond"])}
-        flat.update({f"uncond.{k}": v.contiguous() for k, v in _walk(bank["uncond"])})
+        flat = {f"cond.{k}": v.contiguous() for k, v in walk_tensors(bank["cond"])}
+        flat.update({f"uncond.{k}": v.contiguous() for k, v in walk_tensors(bank["uncond"])})
         os.makedirs(spec.out, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file(flat, tmp, metadata={"format": CACHE_FORMAT, "prompts_sha256": digest, "count": str(len(prompts)),
@@ -695,7 +695,7 @@ def _meta_models(spec: RunSpec, config):
         import torch
         from diffusers import UNet2DConditionModel
 
-        from nitrokernels.nitro import digits
+        from nitrokernels.digits import data as digits
 
         with torch.device("meta"):
             teacher = UNet2DConditionModel.from_config(digits.DIGITS_UNET_CONFIG)
@@ -906,7 +906,7 @@ def train(spec: RunSpec, args) -> int:
 
     import torch
 
-    from nitrokernels.nitro.demo import save_loss_png
+    from nitrokernels.nitro.plots import save_loss_png
     from nitrokernels.nitro.distiller import DistillConfig
     from nitrokernels.nitro.distributed import DistributedNitroDistiller, init_distributed
 
@@ -926,12 +926,11 @@ def train(spec: RunSpec, args) -> int:
     torch.manual_seed(config.seed)
     decode = None
     if spec.preset == "digits":
-        from nitrokernels.nitro import digits
-        from nitrokernels.nitro.demo import _digits_bank
+        from nitrokernels.digits import data as digits
 
         teacher, encoder, _ = digits.load_pretrained_teacher(device=device)
         student = copy.deepcopy(teacher)
-        bank = _digits_bank(copy.deepcopy(encoder).cpu())
+        bank = digits.prompt_bank(copy.deepcopy(encoder).cpu())
         scheduler = digits.make_teacher_scheduler()
         info = "digits preset: labels 0-9"
     else:

@@ -322,10 +322,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def save_image_grid(images: torch.Tensor, path: str, nrow: int = 10, scale: int = 4, pad: int = 1) -> str:
-    """Save images [N, C, H, W] in [-1, 1] (C = 1 or 3; other counts: the first channel) as a PNG grid."""
-    from PIL import Image
-
+def image_grid(images: torch.Tensor, nrow: int = 10, pad: int = 1):
+    """Images [N, C, H, W] in [-1, 1] (C = 1 or 3; other counts: the first channel) -> a uint8 numpy grid,
+    [H', W'] for one channel or [H', W', 3], `pad` black pixels between and around the tiles."""
     images = images.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
     if images.shape[1] not in (1, 3):
         images = images[:, :1]
@@ -335,8 +334,15 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int = 10, scale: int 
     for i in range(n):
         y, x = divmod(i, nrow)
         grid[:, pad + y * (h + pad):pad + y * (h + pad) + h, pad + x * (w + pad):pad + x * (w + pad) + w] = images[i]
-    array = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
-    img = Image.fromarray(array)
+    return grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+
+
+def save_image_grid(images: torch.Tensor, path: str, nrow: int = 10, scale: int = 4, pad: int = 1) -> str:
+    """Save images [N, C, H, W] in [-1, 1] (C = 1 or 3; other counts: the first channel) as a PNG grid,
+    upscaled `scale`x with nearest neighbour; written atomically."""
+    from PIL import Image
+
+    img = Image.fromarray(image_grid(images, nrow=nrow, pad=pad))
     if scale != 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def digit_label(prompt: str) -> int:
     """The digits model's label for a prompt: "0".."9" -> 0..9, "" -> 10 (empty prompt); anything else refused."""
-    from nitrokernels.nitro.digits import EMPTY_LABEL
+    from nitrokernels.digits.data import EMPTY_LABEL
 
     text = prompt.strip()
     if text not in DIGIT_PROMPTS:
@@ -107,7 +107,7 @@ def _load_digits_unet(args, device, dtype):
     """(unet, encoder, shift or None) for the digits model: the shipped student, a `demo --save-student` asset, or
     any student weights read_unet_state takes (a run's checkpoint.pt, student/ folder, plain .safetensors) in
     the digits UNet with the shipped encoder; with --lora the adapter on that UNet (default: the teacher)."""
-    from nitrokernels.nitro import digits
+    from nitrokernels.digits import data as digits
     from nitrokernels.nitro.pipeline import load_lora_adapter, load_unet_state, read_unet_state
 
     sha = getattr(args, "unet_sha256", None)
@@ -139,7 +139,7 @@ def _load_digits_unet(args, device, dtype):
 def _run_digits(args, device, dtype) -> list:
     import torch
 
-    from nitrokernels.nitro import digits
+    from nitrokernels.digits import data as digits
     from nitrokernels.nitro.sampling import sample
     from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
 
