@@ -108,6 +108,16 @@ def _resolve(*argv):
     return distill_cli.resolve(parser.parse_args(list(map(str, argv))))
 
 
+def test_fsdp_flag_and_file_setting_reach_the_run(tmp_path):
+    """--fsdp (or `fsdp = true` in the config file) is the run's sharding, recorded in <out>/config.json's run."""
+    assert _resolve("--preset", "digits", "--out", tmp_path / "a").fsdp is False
+    spec = _resolve("--preset", "digits", "--out", tmp_path / "b", "--fsdp")
+    assert spec.fsdp is True and spec.run["fsdp"] is True
+    (tmp_path / "c.toml").write_text("preset = 'digits'\nfsdp = true\n")
+    assert _resolve("--config", tmp_path / "c.toml", "--out", tmp_path / "c").fsdp is True
+    assert _resolve("--config", tmp_path / "c.toml", "--out", tmp_path / "c", "--no-fsdp").fsdp is False  # flag wins
+
+
 @pytest.mark.parametrize("fmt", ["toml", "yaml"])
 def test_config_file_and_flag_precedence(tmp_path, fmt):
     if fmt == "toml":
@@ -153,7 +163,8 @@ def test_every_distill_config_field_has_a_flag():
 # ------------------------------------------------------------------------------------------ bad inputs
 @pytest.mark.parametrize("case", ["no_teacher", "bad_config_field", "bad_value", "bad_disc", "preset_and_teacher",
                                   "bad_toml", "bad_jsonl", "safetensors_no_config", "no_out", "value_from_file",
-                                  "disc_value", "student_mismatch", "bad_unet_config"])
+                                  "disc_value", "student_mismatch", "bad_unet_config", "fsdp_lora",
+                                  "fsdp_not_bool"])
 def test_bad_input_names_the_file_or_field(tmp_path, capsys, monkeypatch, case):
     _no_training(monkeypatch)
     out = ["--out", tmp_path / "run"]
@@ -199,6 +210,12 @@ def test_bad_input_names_the_file_or_field(tmp_path, capsys, monkeypatch, case):
         argv, expect = ["--teacher", bad, "--dry-run"], "not a UNet2DConditionModel config"
     elif case == "no_out":
         argv, expect = ["--preset", "digits"], "--out DIR is required"
+    elif case == "fsdp_lora":
+        pytest.importorskip("peft")
+        argv, expect = ["--preset", "digits", "--fsdp", "--lora-rank", 2, *out], "--fsdp shards a fully trained"
+    elif case == "fsdp_not_bool":
+        (tmp_path / "c.toml").write_text("preset = 'digits'\nfsdp = 'yes'\n")
+        argv, expect = ["--config", tmp_path / "c.toml", *out], "fsdp must be true or false, got 'yes' (from"
     else:
         (tmp_path / "c.yaml").write_text("preset: digits\nshift: 2000\n")
         argv, expect = ["--config", tmp_path / "c.yaml", *out], "DistillConfig.shift must be in (0, 1000]"

@@ -45,35 +45,38 @@ def _config(batch, steps, out_dir=None, resume=False):
                          out_dir=out_dir, log_every=1, progress=False, resume=resume, discriminator=dict(DISC))
 
 
-def _distiller(ctx, batch, steps, out_dir=None, resume=False):
+def _distiller(ctx, batch, steps, out_dir=None, resume=False, fsdp=False):
     teacher, student, sched, bank = _models()
     return DistributedNitroDistiller(teacher, student, sched, bank, _config(batch, steps, out_dir, resume), ctx=ctx,
-                                     check_indices=True)
+                                     check_indices=True, fsdp=fsdp)
 
 
 def _result(d):
-    return {"history": d.history, "student": {k: v.clone() for k, v in d.student.state_dict().items()},
+    # full_student_state_dict: under fsdp a collective that gathers the shards (rank 0 gets them)
+    return {"history": d.history, "student": d.full_student_state_dict(), "ema": d.full_student_state_dict(ema=True),
             "heads": {k: v.clone() for k, v in d.disc.heads_state_dict().items()},
-            "sent": list(d.heads_allreduce_numel),
+            "sent": list(d.heads_allreduce_numel), "fsdp": d.fsdp,
+            "sharded": [type(p).__name__ for p in d.student.parameters()],
             "dense": sum(p.numel() for p in d.disc.head_parameters()), "step": d.step}
 
 
-def _worker(rank, world, init_file, steps, out_dir, result_path, resume):
+def _worker(rank, world, init_file, steps, out_dir, result_path, resume, fsdp=False):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        d = _distiller(DistContext(rank, world, 0, "gloo"), BATCH, steps, out_dir, resume)
+        d = _distiller(DistContext(rank, world, 0, "gloo"), BATCH, steps, out_dir, resume, fsdp)
         d.train()
+        result = _result(d)
         if rank == 0:
-            torch.save(_result(d), result_path)
+            torch.save(result, result_path)
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, name, steps, out_dir, resume=False):
+def _spawn(tmp_path, name, steps, out_dir, resume=False, fsdp=False):
     init = tmp_path / f"{name}.init"
     result = tmp_path / f"{name}.pt"
-    mp.spawn(_worker, args=(2, str(init), steps, str(out_dir), str(result), resume), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(init), steps, str(out_dir), str(result), resume, fsdp), nprocs=2, join=True)
     return torch.load(result, weights_only=False)
 
 
@@ -141,6 +144,70 @@ def test_resume_with_another_world_size_is_refused(runs):
         d.train()
 
 
+@pytest.fixture(scope="module")
+def fsdp_runs(runs):
+    """The same 2-process runs with the student (and its EMA) sharded by FSDP2 on gloo."""
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 fully_shard")
+    ref, ddp, _, tmp = runs
+    two = _spawn(tmp, "fsdp_two", 3, tmp / "fsdp_two", fsdp=True)
+    _spawn(tmp, "fsdp_first", 2, tmp / "fsdp_split", fsdp=True)
+    resumed = _spawn(tmp, "fsdp_resumed", 3, tmp / "fsdp_split", resume=True, fsdp=True)
+    return ref, ddp, two, resumed, tmp
+
+
+def test_fsdp_two_processes_equal_one_with_the_doubled_batch(fsdp_runs):
+    ref, _, two, _, _ = fsdp_runs
+    assert two["fsdp"] and set(two["sharded"]) == {"DTensor"}   # the student really was sharded
+    for r1, r2 in zip(ref["history"], two["history"], strict=True):
+        assert r1["t_star"] == r2["t_star"] and r1["student_t"] == r2["student_t"]
+        for key in ("d_loss", "g_loss", "grad_norm", "d_accuracy"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-5), (key, r1[key], r2[key])
+    lr_student, lr_heads = _config(BATCH, 1).lr_student, _config(BATCH, 1).lr_heads
+    _close(ref["student"], two["student"], "student", atol=lr_student / 4)   # see the DDP test for the tolerance
+    _close(ref["ema"], two["ema"], "ema", atol=lr_student / 4)
+    _close(ref["heads"], two["heads"], "heads", atol=lr_heads / 20)
+    assert all(n * 4 == two["dense"] for n in two["sent"])  # the heads' sparse all-reduce is unchanged
+
+
+def test_fsdp_resumed_run_continues_exactly(fsdp_runs):
+    _, _, two, resumed, _ = fsdp_runs
+    assert resumed["step"] == 3 and [r["step"] for r in resumed["history"]] == [1, 2, 3]
+    for a, b in zip(two["history"], resumed["history"]):
+        assert a["d_loss"] == b["d_loss"] and a["g_loss"] == b["g_loss"]
+    for part in ("student", "ema", "heads"):
+        for k in two[part]:
+            assert torch.equal(two[part][k], resumed[part][k]), (part, k)
+
+
+def test_fsdp_checkpoint_is_the_unsharded_format(fsdp_runs):
+    """An FSDP2 run's checkpoint holds the full student / EMA / optimiser states, keyed as a DDP run's (parameter
+    index), equal to what was trained: it does not depend on the sharding."""
+    from nitrokernels.nitro.distiller import read_checkpoint
+
+    _, _, two, _, tmp = fsdp_runs
+    sharded, plain = read_checkpoint(str(tmp / "fsdp_two" / "checkpoint.pt")), read_checkpoint(str(tmp / "two" / "checkpoint.pt"))
+    for part in ("student", "ema"):
+        assert sharded[part].keys() == plain[part].keys()
+        for k, v in sharded[part].items():
+            assert type(v) is torch.Tensor and v.shape == plain[part][k].shape and torch.equal(v, two[part][k])
+    opt, ref = sharded["opt_student"], plain["opt_student"]
+    assert [g["params"] for g in opt["param_groups"]] == [g["params"] for g in ref["param_groups"]]
+    assert opt["state"].keys() == ref["state"].keys() and all(isinstance(k, int) for k in opt["state"])
+    for index, entry in opt["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert type(entry[key]) is torch.Tensor and entry[key].shape == ref["state"][index][key].shape
+            torch.testing.assert_close(entry[key], ref["state"][index][key], rtol=1e-3, atol=1e-6)
+
+
+def test_fsdp_refuses_a_lora_student():
+    teacher, student, sched, bank = _models()
+    with pytest.raises(ValueError, match="LoRA student"):
+        DistributedNitroDistiller(teacher, student, sched, bank, _config(BATCH, 1), fsdp=True,
+                                  trainable=lambda name: "attn" in name)
+
+
 def test_one_process_is_the_plain_distiller():
     """world_size 1: the same draws and results as NitroDistiller itself."""
     from nitrokernels.nitro.distiller import NitroDistiller
@@ -185,8 +252,9 @@ def test_allreduce_sparse_grads_averages_values_only(tmp_path):
 
 
 def test_fsdp2_sharding_plan_on_meta(tmp_path):
-    """FSDP2 (fully_shard) over a 1-process gloo group on the meta device: every student parameter becomes a
-    DTensor sharded on dim 0 (the plan `--fsdp` would use; training under FSDP2 is not wired into distill yet)."""
+    """shard_unet (the FSDP2 plan of `distill --fsdp`) over a 1-process gloo group on the meta device, on a UNet
+    the size of the test's SD-style config: every student parameter becomes a DTensor sharded on dim 0, and each
+    down / mid / up block is its own FSDP unit."""
     fsdp = pytest.importorskip("torch.distributed.fsdp")
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 fully_shard")
@@ -202,19 +270,22 @@ def test_fsdp2_sharding_plan_on_meta(tmp_path):
                                         block_out_channels=(32, 64), cross_attention_dim=32, norm_num_groups=8,
                                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-        for block in list(unet.down_blocks) + [unet.mid_block] + list(unet.up_blocks):
-            fsdp.fully_shard(block, mesh=mesh)
-        fsdp.fully_shard(unet, mesh=mesh)
+        from nitrokernels.nitro.distributed import shard_unet
+
+        shard_unet(unet, mesh)
         params = list(unet.parameters())
         assert params and all(isinstance(p, DTensor) for p in params)
         assert all(p.placements == (Shard(0),) for p in params)
+        units = [m for m in unet.modules() if isinstance(m, fsdp.FSDPModule)]
+        assert units[0] is unet and len(units) == 1 + len(unet.down_blocks) + 1 + len(unet.up_blocks)
     finally:
         dist.destroy_process_group()
 
 
-def test_torchrun_cli_equals_one_process_with_the_doubled_batch(tmp_path):
-    """`torchrun --nproc_per_node=2 -m nitrokernels distill --preset digits` (batch 1 per process) writes the same
-    run folder and loss curve as the plain command with batch 2."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_cli_equals_one_process_with_the_doubled_batch(tmp_path, mode):
+    """`torchrun --nproc_per_node=2 -m nitrokernels distill --preset digits [--fsdp]` (batch 1 per process) writes
+    the same run folder, loss curve and final student/ as the plain command with batch 2."""
     import json
     import shutil
     import subprocess
@@ -229,8 +300,10 @@ def test_torchrun_cli_equals_one_process_with_the_doubled_batch(tmp_path):
               "--log-every", "1", "--discriminator", disc, "--sample-count", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", *common, "--out", str(tmp_path / "two"),
-                          "--batch-size", "1"], capture_output=True, text=True, env=env, timeout=300)
+                          "--batch-size", "1", *(["--fsdp"] if mode == "fsdp" else [])],
+                         capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert ("student sharded: FSDP2" in two.stdout) == (mode == "fsdp"), two.stdout[-2000:]
     one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"), "--batch-size", "2"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -243,3 +316,10 @@ def test_torchrun_cli_equals_one_process_with_the_doubled_batch(tmp_path):
         assert keys and keys == [k for k in ("d_loss", "g_loss", "regression_loss") if k in b]
         for k in keys:
             assert b[k] == pytest.approx(a[k], rel=1e-4), (k, a[k], b[k])
+    from safetensors.torch import load_file
+
+    weights = [load_file(str(tmp_path / run / "student" / "diffusion_pytorch_model.safetensors")) for run in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        # a quarter of the warm-up's AdamW step (regression_lr 2e-4): see the tolerance of the in-process test
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-4, atol=5e-5, msg=lambda m: f"{k}: {m}")

@@ -5,6 +5,7 @@
     nitrokernels distill --config run.toml --out runs/x --resume               # continue exactly
     nitrokernels distill --teacher sdxl/ --prompts p.txt --out runs/x --dry-run --world-size 8   # memory per GPU
     torchrun --nproc_per_node=2 -m nitrokernels distill --preset digits --out runs/x --steps 20
+    torchrun --nproc_per_node=8 -m nitrokernels distill --teacher sdxl/ --prompts p.txt --out runs/x --fsdp
 
 Models (local paths only): --teacher / --student are each a diffusers pipeline folder (model_index.json: its
 unet/ and scheduler/ are used), a UNet folder (config.json + *.safetensors) or one .safetensors file (with
@@ -16,7 +17,7 @@ Prompts: a .txt file (one per line) or .jsonl ({"prompt": ...} per line), encode
 <out>/prompt_embeddings.safetensors (re-used on resume; refused if the prompt file changed: its sha256 is stored).
 Configuration: every DistillConfig field is a flag (--batch-size, --lr-student, ...), and a TOML (.toml) or
 YAML (.yaml/.yml) --config file may set them (same names, '_' or '-') plus teacher, student, pipeline,
-unet_config, prompts, preset, teacher_sampler, teacher_dtype, and a [discriminator] table of DynamicDiscriminator
+unet_config, prompts, preset, teacher_sampler, teacher_dtype, fsdp, and a [discriminator] table of DynamicDiscriminator
 kwargs; flags win over the file, the file over the preset, the preset over DistillConfig's defaults.
 Writes under --out: checkpoint.pt (atomic; --resume continues from it), log.jsonl, samples_*.png, loss.png,
 config.json (the resolved run configuration), student/ (and student_ema/) as diffusers UNet folders.
@@ -42,7 +43,7 @@ EMBED_CACHE = "prompt_embeddings.safetensors"
 CACHE_FORMAT = "nitrokernels-prompt-embeddings-v1"
 # keys a config file may hold besides DistillConfig's fields (argparse dest names)
 RUN_KEYS = ("preset", "teacher", "student", "pipeline", "unet_config", "prompts", "teacher_sampler", "teacher_dtype",
-            "out", "world_size", "lora_rank", "lora_alpha", "lora_targets")
+            "out", "world_size", "fsdp", "lora_rank", "lora_alpha", "lora_targets")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # DistillConfig fields that are not generated as --<field> flags (own flags or set by the command)
 _OWN_FIELDS = {"out_dir": "--out", "discriminator": "--discriminator / [discriminator] table", "resume": "--resume"}
@@ -130,6 +131,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "built on the meta device from their configs) and exit")
     run.add_argument("--world-size", type=int, default=None,
                      help="processes for --dry-run (default: WORLD_SIZE of torchrun, else 1, 2 and 8)")
+    run.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                     help="under torchrun: shard the student (and its EMA) over the processes with FSDP2 "
+                          "(fully_shard: 1/N of its weights, gradients and AdamW states per GPU) instead of "
+                          "replicating it (DDP, the default); checkpoints stay unsharded, so --resume may switch "
+                          "(--no-fsdp); not with --lora-rank")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     lora = parser.add_argument_group("LoRA student (needs peft: pip install 'nitrokernels[lora]')")
     lora.add_argument("--lora-rank", type=int, default=None,
@@ -207,6 +213,7 @@ class RunSpec:
     sources: dict
     lora: dict | None = None
     run: dict | None = None       # the run-level settings as given (written to <out>/config.json)
+    fsdp: bool = False            # shard the student with FSDP2 (DistributedNitroDistiller(fsdp=True))
 
 
 def _value_source(name, sources):
@@ -342,6 +349,12 @@ def resolve(args) -> RunSpec:
         lora = {"rank": rank, "alpha": float(alpha), "targets": list(targets)}
     elif pick("lora_alpha") is not None or pick("lora_targets") is not None:
         raise UsageError("--lora-alpha / --lora-targets need --lora-rank")
+    fsdp = pick("fsdp", False) if getattr(args, "fsdp", None) is None else args.fsdp  # --no-fsdp is a choice too
+    if not isinstance(fsdp, bool):
+        raise UsageError(f"fsdp must be true or false, got {fsdp!r}{_value_source('fsdp', sources)}")
+    if fsdp and lora:
+        raise UsageError("--fsdp shards a fully trained student; a LoRA student (--lora-rank) trains few parameters "
+                         "and gains nothing from it: drop --fsdp (DDP replicates the student)")
     resume = bool(args.resume)
     try:
         config = DistillConfig(**{**fields, "out_dir": out, "resume": resume})
@@ -361,9 +374,9 @@ def resolve(args) -> RunSpec:
     run = {"preset": preset, "teacher": teacher_path, "student": student_path, "pipeline": pipeline,
            "unet_config": unet_config, "prompts": prompts, "teacher_sampler": sampler, "teacher_dtype": teacher_dtype,
            "lora_rank": lora and lora["rank"], "lora_alpha": lora and lora["alpha"],
-           "lora_targets": lora and lora["targets"]}
+           "lora_targets": lora and lora["targets"], "fsdp": fsdp}
     spec = RunSpec(preset, teacher, student, pipeline, prompts, sampler, teacher_dtype, out, resume,
-                   dataclasses.asdict(config), sources, lora, run)
+                   dataclasses.asdict(config), sources, lora, run, fsdp)
     check_models_on_meta(spec)
     return spec
 
@@ -867,8 +880,8 @@ def format_memory(est: dict) -> str:
             lines.append(f"{w:>4}  {mode:<5}" + "".join(f"{m[k] / gib:>10.2f}" for k in
                                                         ("params", "grads", "optimizer", "activations", "total")))
     lines += ["", "ddp: the student replicated (DistributedDataParallel); fsdp: its parameters, gradients and AdamW "
-              "states sharded over the GPUs (FSDP2 fully_shard; an estimate -- `distill --fsdp` is not implemented "
-              "yet). Teacher and heads are replicated in both; the heads' gradients are their sampled rows. Not "
+              "states sharded over the GPUs (FSDP2 fully_shard, `distill --fsdp`; an estimate, not measured on GPUs). "
+              "Teacher and heads are replicated in both; the heads' gradients are their sampled rows. Not "
               "counted: CUDA context and allocator slack (~1-3 GiB; DDP's buckets are the gradients themselves, "
               "gradient_as_bucket_view), the teacher's no-grad sampling and the discriminator phase (both below "
               "the generator phase's peak). Activations assume fused (flash) attention."]
@@ -949,10 +962,11 @@ def train(spec: RunSpec, args) -> int:
         student = add_lora(student, spec.lora)
         trainable = is_lora_parameter
     distiller = DistributedNitroDistiller(teacher, student, scheduler, bank, config, decode=decode, ctx=ctx,
-                                          trainable=trainable)
+                                          trainable=trainable, fsdp=spec.fsdp)
     if ctx.is_main:
         disc = distiller.disc
-        print(f"nitrokernels distill: {ctx.world_size} process(es) on {device}; {info}; student "
+        print(f"nitrokernels distill: {ctx.world_size} process(es) on {device}"
+              f"{' (student sharded: FSDP2)' if distiller.fsdp else ''}; {info}; student "
               f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params; {disc.num_heads} heads, "
               f"{disc.heads_per_iteration} sampled per iteration; batch {config.batch_size} per process x "
               f"{config.grad_accum} accumulation; {config.steps} iterations -> {spec.out}", flush=True)
@@ -963,6 +977,10 @@ def train(spec: RunSpec, args) -> int:
     except CheckpointError as err:
         print(f"nitrokernels distill: {err}", file=sys.stderr)
         return 2
+    # the final weights, unsharded (under --fsdp gathering them is a collective of every rank; rank 0 gets them)
+    weights = None if spec.lora else {"student": distiller.full_student_state_dict(),
+                                      "student_ema": None if distiller.ema is None else
+                                      distiller.full_student_state_dict(ema=True)}
     if ctx.is_main:
         if history:
             try:
@@ -975,9 +993,9 @@ def train(spec: RunSpec, args) -> int:
             if distiller.ema is not None:
                 save_lora_student(distiller.ema, os.path.join(spec.out, "student_ema_lora"), spec.lora)
         else:
-            student.save_pretrained(os.path.join(spec.out, "student"))
-            if distiller.ema is not None:
-                distiller.ema.save_pretrained(os.path.join(spec.out, "student_ema"))
+            for name, state in weights.items():
+                if state is not None:
+                    save_unet_folder(student, state, os.path.join(spec.out, name))
         last = history[-1] if history else {}
         losses = ", ".join(f"{k} {last[k]:.4f}" for k in ("d_loss", "g_loss", "regression_loss") if k in last)
         print(f"nitrokernels distill: {distiller.step} iterations done ({losses}); wrote {spec.out}/checkpoint.pt, "
@@ -989,6 +1007,20 @@ def train(spec: RunSpec, args) -> int:
 
         dist.destroy_process_group()
     return 0
+
+
+def save_unet_folder(unet, state: dict, folder: str) -> str:
+    """A diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors, what save_pretrained writes) of
+    `unet`'s config with the weights `state` (e.g. gathered from an FSDP2-sharded student)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    unet.save_config(folder)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    tmp = os.path.join(folder, f"diffusion_pytorch_model.safetensors.tmp-{os.getpid()}")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    return folder
 
 
 def add_lora(unet, lora: dict):

@@ -945,10 +945,8 @@ class NitroDistiller:
             "config": self.config.fingerprint(),
             "model": self._model_signature(),
             "step": self.step,
-            "student": self.student.state_dict(),
-            "ema": None if self.ema is None else self.ema.state_dict(),
+            **self._student_states(),
             "heads": self.disc.heads_state_dict(),
-            "opt_student": self.opt_student.state_dict(),
             "opt_heads": self.opt_heads.state_dict(),
             "sched_student": _plain(self.sched_student.state_dict()),
             "sched_heads": _plain(self.sched_heads.state_dict()),
@@ -959,6 +957,18 @@ class NitroDistiller:
                               int(np_state[3]), float(np_state[4])]},
             "history": self.history,
         }
+
+    def _student_states(self) -> dict:
+        """The student's, its EMA's and its optimiser's state dicts (a sharded student gathers them)."""
+        return {"student": self.student.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
+                "opt_student": self.opt_student.state_dict()}
+
+    def _load_student_states(self, state: dict) -> None:
+        """Load what _student_states returned (validated before)."""
+        self.student.load_state_dict(state["student"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.opt_student.load_state_dict(state["opt_student"])
 
     def save_checkpoint(self, path: str | None = None) -> str:
         """Write the full training state atomically (tmp file + fsync + os.replace), with a sha256 digest of
@@ -1016,11 +1026,8 @@ class NitroDistiller:
                                   f"but this run has ema_decay={self.config.ema_decay}")
         self._validate_state(path, state)
 
-        self.student.load_state_dict(state["student"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+        self._load_student_states(state)
         self.disc.load_heads_state_dict(state["heads"])
-        self.opt_student.load_state_dict(state["opt_student"])
         self.opt_heads.load_state_dict(state["opt_heads"])
         self.sched_student.load_state_dict(state["sched_student"])
         self.sched_heads.load_state_dict(state["sched_heads"])

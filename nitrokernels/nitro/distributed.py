@@ -16,6 +16,15 @@ What is shared, what is per rank (DistributedNitroDistiller):
     gradients; find_unused_parameters=True because a UNet config can hold parameters a forward does not use);
     with grad_accum micro-batches only the last backward all-reduces (DDP's no_sync for the others), checked
     before every student optimiser step;
+  * or, with `fsdp=True` (`distill --fsdp`), the student is sharded with FSDP2 (`fully_shard`, see shard_unet):
+    each rank holds 1/N of its parameters, gradients and AdamW states; forwards all-gather a block's parameters,
+    backwards reduce-scatter its gradients (only the last of grad_accum micro-batches synchronises:
+    set_requires_gradient_sync). The EMA copy is sharded the same way. Every forward of a sharded student is a
+    collective, so every rank runs the sample grids; checkpoints gather the full student, EMA and optimiser
+    states (torch.distributed.checkpoint's full state dicts) and rank 0 writes them in the same format as a DDP or
+    one-process run (optimiser states keyed by parameter index), so a checkpoint does not depend on the sharding;
+    resuming distributes them back (set_model_state_dict / set_optimizer_state_dict). Not with LoRA students
+    (`trainable`): their few trained parameters gain nothing from sharding; use DDP;
   * the heads' gradients are sparse COO tensors of the sampled rows only: before each heads optimiser step their
     coalesced values (all sampled rows of all pools) are averaged in ONE all-reduce of one flat buffer per dtype;
     the pool never goes dense on the wire (`heads_allreduce_numel` records what was sent);
@@ -39,7 +48,7 @@ import torch.distributed as dist
 from nitrokernels.nitro.distiller import CheckpointError, NitroDistiller, _map, _MicroBatch
 
 __all__ = ["DistContext", "init_distributed", "allreduce_sparse_grads_", "DistributedNitroDistiller",
-           "WORLD_FILE"]
+           "shard_unet", "WORLD_FILE"]
 
 WORLD_FILE = "distributed.json"
 
@@ -145,17 +154,38 @@ def allreduce_sparse_grads_(params, world_size: int, group=None, check_indices: 
     return sent
 
 
+def shard_unet(unet: torch.nn.Module, mesh) -> torch.nn.Module:
+    """FSDP2 plan for a diffusers UNet (in place): each down block, the mid block and each up block is one
+    fully_shard unit (all-gathered for its forward, resharded after), the root holds the rest (conv_in, time and
+    class embeddings, conv_norm_out / conv_out). Every parameter becomes a DTensor sharded on dim 0 over `mesh`."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = [*getattr(unet, "down_blocks", ()), getattr(unet, "mid_block", None), *getattr(unet, "up_blocks", ())]
+    for block in blocks:
+        if block is not None and any(True for _ in block.parameters()):
+            fully_shard(block, mesh=mesh)
+    fully_shard(unet, mesh=mesh)
+    return unet
+
+
 class DistributedNitroDistiller(NitroDistiller):
     """NitroDistiller across the ranks of `ctx` (see the module docstring). `config.batch_size` is per rank; with
     ctx.world_size == 1 this is a plain NitroDistiller (same draws, same results)."""
 
     def __init__(self, *args, ctx: DistContext | None = None, check_indices: bool = False,
-                 find_unused_parameters: bool = True, trainable=None, **kwargs):
+                 find_unused_parameters: bool = True, trainable=None, fsdp: bool = False, **kwargs):
         self.ctx = ctx or DistContext()
         config = args[4] if len(args) > 4 else kwargs["config"]
         if self.ctx.distributed and config.mixed_precision == "fp16":
             raise ValueError("DistillConfig.mixed_precision='fp16' is not supported on several processes (the "
                              "GradScaler's per-rank inf check would let the ranks diverge); use 'bf16'")
+        if fsdp and trainable is not None:
+            raise ValueError("DistributedNitroDistiller: fsdp=True shards a fully trained student; a LoRA student "
+                             "(`trainable`) trains few parameters and gains nothing from it: use fsdp=False (DDP)")
+        # one process has nothing to shard over: fsdp is then the plain distiller
+        self.fsdp = bool(fsdp) and self.ctx.distributed
+        self._full_states = None   # the gathered full student states while a checkpoint is written (fsdp)
+        self._sync_now = True      # whether the student's last grad-enabled forward will synchronise (fsdp)
         if not self.ctx.is_main:
             config.progress = False
         super().__init__(*args, **kwargs)
@@ -173,13 +203,16 @@ class DistributedNitroDistiller(NitroDistiller):
                     dist.broadcast(p.data, 0)
             import inspect
 
-            devices = [self.device.index] if self.device.type == "cuda" else None
-            # the UNet's buffers are constants: no per-forward buffer broadcast (the keyword's newer name first)
-            sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
-                inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False}
-            self._ddp = DistributedDataParallel(self.student, device_ids=devices,
-                                                find_unused_parameters=find_unused_parameters,
-                                                gradient_as_bucket_view=True, **sync)  # no 2nd gradient copy
+            if self.fsdp:
+                self._shard_student()
+            else:
+                devices = [self.device.index] if self.device.type == "cuda" else None
+                # the UNet's buffers are constants: no per-forward buffer broadcast (the keyword's newer name first)
+                sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+                    inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False}
+                self._ddp = DistributedDataParallel(self.student, device_ids=devices,
+                                                    find_unused_parameters=find_unused_parameters,
+                                                    gradient_as_bucket_view=True, **sync)  # no 2nd gradient copy
             self.opt_heads.register_step_pre_hook(self._sync_heads)
             self.opt_student.register_step_pre_hook(self._check_student_synced)
             self.disc.renoise = self._renoise
@@ -188,7 +221,6 @@ class DistributedNitroDistiller(NitroDistiller):
     def _train_only(self, trainable) -> None:
         """Train only the student parameters whose name satisfies `trainable(name)` (e.g. LoRA adapters): the
         others are frozen and the student's AdamW (and its LR schedule) is rebuilt over the trained ones."""
-        cfg = self.config
         params = []
         for name, p in self.student.named_parameters():
             p.requires_grad_(bool(trainable(name)))
@@ -196,9 +228,29 @@ class DistributedNitroDistiller(NitroDistiller):
                 params.append(p)
         if not params:
             raise ValueError("DistributedNitroDistiller: `trainable` selects no student parameter")
+        self._rebuild_student_optimizer(params)
+
+    def _rebuild_student_optimizer(self, params) -> None:
+        """A fresh student AdamW (and LR schedule) over `params` (before any step: nothing is lost)."""
+        cfg = self.config
         self.opt_student = torch.optim.AdamW(params, lr=cfg.lr_student, betas=cfg.betas_student,
                                              weight_decay=cfg.weight_decay_student)
         self.sched_student = torch.optim.lr_scheduler.LambdaLR(self.opt_student, self.sched_heads.lr_lambdas[0])
+
+    def _shard_student(self) -> None:
+        """FSDP2: rank 0's student (and EMA) on every rank, then sharded (shard_unet); the optimiser is rebuilt
+        over the sharded parameters (fully_shard replaces them by DTensors)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        with torch.no_grad():
+            for module in (self.student, self.ema):
+                for p in [] if module is None else module.parameters():
+                    dist.broadcast(p.data, 0)
+        mesh = init_device_mesh(self.device.type, (self.ctx.world_size,))
+        shard_unet(self.student, mesh)
+        if self.ema is not None:
+            shard_unet(self.ema, mesh)
+        self._rebuild_student_optimizer(list(self.student.parameters()))
 
     # ------------------------------------------------------------------------------- global-batch draws
     def _rows(self, batch: int) -> slice:
@@ -245,14 +297,24 @@ class DistributedNitroDistiller(NitroDistiller):
 
     # ------------------------------------------------------------------------------------ gradients
     def student_denoise(self, x, cond, steps, index, model=None):
-        if model is None and self._ddp is not None and torch.is_grad_enabled():
-            # grad-enabled forwards go through DDP; of the grad_accum micro-batches of one student step only the
-            # last one's backward all-reduces (the others accumulate locally, as DDP's no_sync does)
-            model = self._ddp
+        if model is None and (self._ddp is not None or self.fsdp) and torch.is_grad_enabled():
+            # grad-enabled forwards go through DDP (or the FSDP2-sharded student); of the grad_accum micro-batches
+            # of one student step only the last one's backward all-reduces / reduce-scatters (the others
+            # accumulate locally, as DDP's no_sync does)
             accum = self.config.grad_accum
-            model.require_backward_grad_sync = self._grad_forwards % accum == accum - 1
+            self._sync_now = self._grad_forwards % accum == accum - 1
+            if self.fsdp:
+                self.student.set_requires_gradient_sync(self._sync_now)
+            else:
+                model = self._ddp
+                model.require_backward_grad_sync = self._sync_now
             self._grad_forwards += 1
         return super().student_denoise(x, cond, steps, index, model)
+
+    def _student_update(self, lr=None):
+        grad_norm = super()._student_update(lr)
+        # a sharded student's norm is a DTensor (its reduction over the ranks pending): a plain tensor for the log
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
 
     def _sync_heads(self, optimizer, args, kwargs):
         n = allreduce_sparse_grads_(list(self.disc.head_parameters()), self.ctx.world_size,
@@ -262,7 +324,7 @@ class DistributedNitroDistiller(NitroDistiller):
     def _check_student_synced(self, optimizer, args, kwargs):
         """Before the student's AdamW step: its gradients were all-reduced (a multiple of grad_accum grad-enabled
         forwards, the last one synchronised); anything else would let the ranks' students drift apart."""
-        if self._grad_forwards % self.config.grad_accum != 0 or not self._ddp.require_backward_grad_sync:
+        if self._grad_forwards % self.config.grad_accum != 0 or not self._sync_now:
             raise RuntimeError(f"DistributedNitroDistiller: {self._grad_forwards} grad-enabled student forwards "
                                f"before its optimiser step, not a multiple of grad_accum={self.config.grad_accum}: "
                                f"the last backward did not all-reduce the gradients")
@@ -298,11 +360,94 @@ class DistributedNitroDistiller(NitroDistiller):
 
     def save_samples(self, path=None):
         if not self.ctx.is_main:
+            if self.fsdp and (path is not None or self.config.out_dir):
+                self.sample_one_step(self._grid_noise, self._grid_idx)  # the sharded forward is a collective
             return None
         return super().save_samples(path)
 
+    # ------------------------------------------------------------------------------- full states (fsdp)
+    def full_student_state_dict(self, ema: bool = False) -> dict:
+        """The student's (or its EMA's) full state dict on the CPU, for saving it unsharded. With fsdp a collective
+        (call it on every rank; rank 0 gets the tensors, the others an empty dict); else the module's own."""
+        module = self.ema if ema else self.student
+        if module is None:
+            raise ValueError("DistributedNitroDistiller.full_student_state_dict(ema=True): this run keeps no EMA")
+        if not self.fsdp:
+            return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _student_states(self) -> dict:
+        if not self.fsdp:
+            return super()._student_states()
+        if self._full_states is None:
+            raise RuntimeError("DistributedNitroDistiller.state_dict() with fsdp: the sharded student's state is "
+                               "gathered by save_checkpoint() (a collective of every rank); call that instead")
+        return self._full_states
+
+    def _gather_student_states(self) -> dict:
+        """Every rank: the full student, EMA and optimiser states (rank 0 gets them), the optimiser's keyed by
+        parameter index as a plain AdamW's state_dict() is, so the checkpoint does not depend on the sharding."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        student = self.full_student_state_dict()
+        ema = None if self.ema is None else self.full_student_state_dict(ema=True)
+        opt = get_optimizer_state_dict(self.student, self.opt_student,
+                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.ctx.is_main:
+            return {}
+        return {"student": student, "ema": ema, "opt_student": self._indexed_optimizer_state(opt)}
+
+    def _optimizer_fqns(self) -> list[list[str]]:
+        names = {id(p): n for n, p in self.student.named_parameters()}
+        return [[names[id(p)] for p in g["params"]] for g in self.opt_student.param_groups]
+
+    def _indexed_optimizer_state(self, named: dict) -> dict:
+        """torch.distributed.checkpoint's optimiser state (keyed by parameter name) -> optimizer.state_dict()'s."""
+        state, groups, index = {}, [], 0
+        for fqns, group in zip(self._optimizer_fqns(), named["param_groups"]):
+            ids = []
+            for fqn in fqns:
+                if fqn in named["state"]:
+                    state[index] = named["state"][fqn]
+                ids.append(index)
+                index += 1
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+        return {"state": state, "param_groups": groups}
+
+    def _named_optimizer_state(self, indexed: dict) -> dict:
+        state, groups = {}, []
+        for fqns, group in zip(self._optimizer_fqns(), indexed["param_groups"]):
+            for fqn, index in zip(fqns, group["params"]):
+                if index in indexed["state"]:
+                    state[fqn] = indexed["state"][index]
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(fqns)})
+        return {"state": state, "param_groups": groups}
+
+    def _load_student_states(self, state: dict) -> None:
+        if not self.fsdp:
+            return super()._load_student_states(state)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        full = StateDictOptions(full_state_dict=True)  # every rank read the file: each keeps its own shards
+        set_model_state_dict(self.student, state["student"], options=full)
+        if self.ema is not None:
+            set_model_state_dict(self.ema, state["ema"], options=full)
+        set_optimizer_state_dict(self.student, self.opt_student, self._named_optimizer_state(state["opt_student"]),
+                                 options=full)
+
     def save_checkpoint(self, path=None):
         path = path or (os.path.join(self.config.out_dir, "checkpoint.pt") if self.config.out_dir else None)
+        if self.fsdp:
+            self._full_states = self._gather_student_states()
+        try:
+            return self._save_checkpoint_rank0(path)
+        finally:
+            self._full_states = None
+
+    def _save_checkpoint_rank0(self, path):
         if self.ctx.is_main:
             path = super().save_checkpoint(path)
             folder = os.path.dirname(os.path.abspath(path))
