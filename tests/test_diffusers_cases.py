@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: E402
 
 import nitrokernels as nk  # noqa: E402
+from test_patch import assert_close as assert_close_patched  # noqa: E402
 
 TOL = 2e-4  # relative to the reference's largest magnitude (fp32; the fused kernels reorder sums)
 
@@ -94,10 +95,9 @@ def set_feed_forward_chunking(model, chunk_size, dim) -> None:
 
 
 def assert_close(actual, expected, name, rel=TOL):
+    """test_patch's comparison, on detached fp32 copies, after checking that shape and dtype agree."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, (name, actual.shape, expected.shape)
-    scale = expected.detach().abs().max().item() or 1.0
-    err = (actual.detach().float() - expected.detach().float()).abs().max().item()
-    assert err <= rel * scale + 1e-6, f"{name}: max error {err:.3g} > {rel:g} * max|ref| {scale:.3g}"
+    assert_close_patched(actual.detach().float(), expected.detach().float(), rel=rel, name=name)
 
 
 def patched_pair(model, patch=nk.patch_unet):
@@ -341,8 +341,7 @@ def test_vae_return_dict_false_tiling_and_slicing():
             model.enable_slicing()
             out["sliced_decode"] = model.decode(latents).sample
             model.disable_slicing()
-            model.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16, tile_sample_stride_height=12,
-                                tile_sample_stride_width=12) if _tiling_takes_sizes(model) else _tile_small(model)
+            enable_small_tiles(model)
             out["tiled_encode"] = model.encode(image).latent_dist.mean
             out["tiled_decode"] = model.decode(latents).sample
             model.disable_tiling()
@@ -350,14 +349,14 @@ def test_vae_return_dict_false_tiling_and_slicing():
     run_both(case, vae, nk.patch_vae)
 
 
-def _tiling_takes_sizes(model) -> bool:
+def enable_small_tiles(model) -> None:
+    """Tiles of 16 pixels, so that a 32-pixel image is tiled; older diffusers' enable_tiling() takes no sizes."""
     import inspect
 
-    return "tile_sample_min_height" in inspect.signature(model.enable_tiling).parameters
-
-
-def _tile_small(model) -> None:
-    """Older diffusers: enable_tiling() takes no sizes; tiles of 16 pixels so that a 32-pixel image is tiled."""
+    if "tile_sample_min_height" in inspect.signature(model.enable_tiling).parameters:
+        model.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16, tile_sample_stride_height=12,
+                            tile_sample_stride_width=12)
+        return
     model.enable_tiling()
     model.tile_sample_min_size = 16
     model.tile_latent_min_size = 16 // 2 ** (len(model.config.block_out_channels) - 1)
