@@ -466,6 +466,41 @@ def test_warmup_heads_every_trains_the_heads_on_the_teachers_sample_vs_the_stude
         DistillConfig(warmup_heads_every=-1)
 
 
+def test_each_discriminator_round_takes_the_teachers_sample_of_its_own_noise(monkeypatch):
+    """d_steps=2 x grad_accum=2: the four heads updates' reals are the teacher's samples from their own micro-batch's
+    noise, made in one batched teacher call per micro-batch position (batch d_steps x batch_size), and their fakes
+    the student's x̂0 of that micro-batch."""
+    d = make(steps=1, d_steps=2, grad_accum=2, train_steps=(1, 2))
+    student = copy.deepcopy(d.student)                       # the weights of the discriminator phase
+    batches, calls, teacher_batches = [], [], []
+    orig_batches, orig_d_loss, orig_teacher = d._micro_batches, d.disc.d_loss, d.teacher_x0
+
+    def micro_batches():
+        batches.extend(orig_batches())
+        return batches[-2:]
+
+    def d_loss(real, fake, cond, uncond=None, **kw):
+        calls.append((real.clone(), fake.clone()))
+        return orig_d_loss(real, fake, cond, uncond, **kw)
+
+    def teacher(noise, *args, **kw):
+        teacher_batches.append(noise.shape[0])
+        return orig_teacher(noise, *args, **kw)
+
+    monkeypatch.setattr(d, "_micro_batches", micro_batches)
+    monkeypatch.setattr(d.disc, "d_loss", d_loss)
+    monkeypatch.setattr(d, "teacher_x0", teacher)
+    d.train_step()
+    assert len(calls) == len(batches) == 4 and teacher_batches == [4, 4]
+    assert not torch.equal(batches[0].noise, batches[2].noise), "each round draws fresh noise"
+    for (real, fake), mb in zip(calls, batches):
+        with torch.no_grad():
+            # batch 4 vs 2 in the teacher's convolutions: float32 rounding (measured up to 5e-6)
+            torch.testing.assert_close(real, orig_teacher(mb.noise, mb.cond, mb.uncond), rtol=1e-4, atol=2e-5)
+            torch.testing.assert_close(fake, d.student_denoise(mb.x, mb.cond, mb.steps, mb.index, model=student),
+                                       rtol=1e-5, atol=1e-6)
+
+
 def test_continuation_steps_is_the_teachers_grid_for_later_step_targets(monkeypatch):
     """A later step's warm-up target continues the teacher on the continuation_steps grid (finer than the first
     step's teacher_steps); the first step's target and the discriminator's real keep teacher_steps."""

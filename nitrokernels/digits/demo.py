@@ -43,6 +43,9 @@ QUICK = dict(steps=8, batch_size=16, eval_per_class=10)
 SHIFT = 250
 TEACHER_STEPS_TRAIN = 4  # DDIM steps of the teacher for the "real" samples during distillation
 CONTINUATION_STEPS = 8   # the teacher's grid for the warm-up targets of the student's later (2nd-4th) steps
+# Evaluation runs the models on chunks of this many samples: per sample, batch 50-100 forwards of the digits UNet
+# were 1.2-1.5x faster than batch 500 on the 2-core CPU (channels_last; cache-sized activations).
+EVAL_BATCH = 100
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +115,7 @@ def evaluate(teacher, student, encoder, evaluator, per_class: int, seed: int, sh
     results, rows = {"teacher": {}, "student": {}}, []
     with torch.no_grad():
         for steps in teacher_steps:
-            images = digits.teacher_sample(teacher, encoder, labels, steps, noise=noise).cpu()
+            images = digits.teacher_sample(teacher, encoder, labels, steps, noise=noise, batch_size=EVAL_BATCH).cpu()
             m = evaluator(images, labels)
             results["teacher"][steps] = {"accuracy": m.accuracy, "frechet": m.frechet}
             rows.append((f"teacher {steps} step{'s' if steps > 1 else ''} (DDIM)", images[:10]))
@@ -121,9 +124,9 @@ def evaluate(teacher, student, encoder, evaluator, per_class: int, seed: int, sh
         for steps in student_steps:
             outs = []
             sgen = torch.Generator().manual_seed(seed + 999)
-            for start in range(0, n, 500):
-                x = noise[start:start + 500].to(device)
-                h = hidden[start:start + 500]
+            for start in range(0, n, EVAL_BATCH):
+                x = noise[start:start + EVAL_BATCH].to(device)
+                h = hidden[start:start + EVAL_BATCH]
                 outs.append(sample(lambda z, t: student(z, t, encoder_hidden_states=h).sample, scheduler, x, steps,
                                    sgen).float().cpu())
             images = torch.cat(outs).clamp(-1, 1)
@@ -227,6 +230,9 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
 
     teacher, encoder, teacher_meta = digits.load_pretrained_teacher(device=device)
+    # channels_last (the student, a copy, inherits it): the convolutions' native layout on CPUs (oneDNN) and GPUs
+    # (tensor cores); measured on the 2-core CPU: batch-16 forward 38 vs 73 ms, adversarial iteration 0.90 vs 1.10 s
+    teacher = teacher.to(memory_format=torch.channels_last)
     encoder_cpu = copy.deepcopy(encoder).cpu()
     evaluator = digits.DigitsEvaluator(digits.load_pretrained_classifier(), device=device)
     student = copy.deepcopy(teacher)
