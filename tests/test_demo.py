@@ -108,3 +108,22 @@ def test_discriminator_summary_and_plot_cover_heads_trained_in_the_warmup(tmp_pa
     assert os.path.getsize(demo.save_loss_png(str(tmp_path / "loss.png"), history)) > 1000
     adversarial_only = demo.discriminator_summary(history[:1] + history[4:])
     assert list(adversarial_only["phases"]) == ["adversarial"]
+
+
+def test_accuracy_per_t_star_is_averaged_over_the_iterations_that_drew_it(tmp_path):
+    """Each iteration draws a subset of the t* groups, so a group's mean is over the rows that have it (not over
+    every row, and not only the keys of the first row)."""
+    history = [{**_row(1, False, 0.6), "d_accuracy_t10": 0.7, "d_accuracy_t500": 0.5},
+               {**_row(2, False, 0.6), "d_accuracy_t10": 0.9, "d_accuracy_t250": 0.4},
+               {**_row(3, False, 0.6), "d_accuracy_t250": 0.6, "d_accuracy_t500": 0.5}]
+    mean = demo.discriminator_summary(history)["mean"]
+    assert (mean["d_accuracy_t10"], mean["d_accuracy_t250"], mean["d_accuracy_t500"]) == pytest.approx((0.8, 0.5, 0.5))
+    text = demo.format_discriminator_summary(demo.discriminator_summary(history))
+    assert "t* 10 0.80; t* 250 0.50; t* 500 0.50" in text
+    plain = tmp_path / "plain.png"
+    demo.save_loss_png(str(plain), [_row(1, False, 0.6), _row(2, False, 0.6)])
+    with_t_star = demo.save_loss_png(str(tmp_path / "t.png"), history)
+    from PIL import Image
+
+    with Image.open(plain) as a, Image.open(with_t_star) as b:
+        assert b.size[1] > a.size[1], "the per-t* panel is drawn below the other two"

@@ -294,6 +294,36 @@ def test_diagnostics_mean_what_they_say():
         assert out[f"{kind}/head_age"] == 3.0
 
 
+def test_accuracy_per_t_star_is_each_groups_own():
+    """d_accuracy_t<t*> is the accuracy of that t* group's heads (mean over kinds), recomputed here from the
+    heads' logits on the discriminator's own re-noised inputs; the kinds' d_accuracy is their mean over groups."""
+    disc, make_cond, channels = make("digits", head_backend="eager", t_star_sampled=2)
+    real, fake = latents(3, channels), latents(3, channels)
+    cond, uncond = make_cond(3), make_cond(3, True)
+    sel = disc.sample(generator=torch.Generator().manual_seed(0))
+    out = disc.d_loss(real, fake, cond, uncond, selection=sel, generator=torch.Generator().manual_seed(1))
+    flat = out.as_floats()
+    gen = torch.Generator().manual_seed(1)
+    expected = {}
+    for ti in sel.t_indices:
+        t = disc.t_star[ti]
+        both = torch.cat([disc.renoise(real, t, gen), disc.renoise(fake, t, gen)])
+        accs = []
+        with torch.no_grad():
+            for kind in disc.kinds:
+                c = uncond if kind.endswith("unconditional") else cond
+                feats = disc.features(both, t, **{k: torch.cat([v, v]) for k, v in c.items()})
+                logits = disc._heads(ti, kind, feats, sel)
+                accs.append(0.5 * ((logits[:, :3] > 0).float().mean() + (logits[:, 3:] < 0).float().mean()))
+        expected[t] = torch.stack(accs).mean().item()
+    assert len(expected) == 2
+    for t, acc in expected.items():
+        assert flat[f"d_accuracy_t{t}"] == pytest.approx(acc, abs=1e-6)
+    # the kinds' accuracies average the same numbers the other way round
+    assert sum(flat[f"d_accuracy_t{t}"] for t in expected) / 2 == pytest.approx(
+        sum(flat[f"{k}/d_accuracy"] for k in disc.kinds) / len(disc.kinds), abs=1e-6)
+
+
 def test_batched_and_unbatched_backbone_agree():
     disc, make_cond, channels = make("sdxl", head_backend="eager")
     real, fake = latents(2, channels), latents(2, channels, requires_grad=True)

@@ -103,16 +103,19 @@ class DiscriminatorOutput:
     """Losses (None when not computed) and per-kind diagnostics (detached 0-d tensors: no host sync until read).
 
     diagnostics[kind] keys: "d_loss", "g_loss", "real_logit", "fake_logit" (means), "d_accuracy" (fraction of
-    real logits > 0 and fake logits < 0, averaged), "heads" (heads scored).
+    real logits > 0 and fake logits < 0, averaged), "heads" (heads scored). t_star_accuracy (d_loss only): the
+    d_accuracy of each sampled t* group, averaged over the kinds -- where the noise of a high t* hides the
+    difference between real and fake, its heads sit at chance (python/separability_probe.py measures that ceiling).
     """
 
     d_loss: torch.Tensor | None = None
     g_loss: torch.Tensor | None = None
     diagnostics: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     t_star: tuple[int, ...] = ()
+    t_star_accuracy: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def as_floats(self) -> dict[str, float]:
-        """Flat {"d_loss", "g_loss", "<kind>/<name>"} as Python floats (one host sync)."""
+        """Flat {"d_loss", "g_loss", "<kind>/<name>", "d_accuracy_t<t*>"} as Python floats (one host sync)."""
         flat = {}
         if self.d_loss is not None:
             flat["d_loss"] = self.d_loss
@@ -121,6 +124,7 @@ class DiscriminatorOutput:
         for kind, stats in self.diagnostics.items():
             for name, value in stats.items():
                 flat[f"{kind}/{name}"] = value
+        flat.update(t_star_accuracy_keys(self.t_star_accuracy))
         keys = list(flat)
         if not keys:
             return {}
@@ -556,6 +560,7 @@ class DynamicDiscriminator(nn.Module):
         batch = real.shape[0]
         for ti in selection.t_indices:
             t = self.t_star[ti]
+            accuracies = []
             both = torch.cat([self.renoise(real, t, generator), self.renoise(fake, t, generator)])
             inputs, conds = [], []
             if cond_kinds:
@@ -580,11 +585,13 @@ class DynamicDiscriminator(nn.Module):
                         _accumulate(stats[kind], "real_logit", real_l.detach().float().mean())
                         _accumulate(stats[kind], "fake_logit", fake_l.detach().float().mean())
                         acc = 0.5 * ((real_l > 0).float().mean() + (fake_l < 0).float().mean())
+                        accuracies.append(acc.detach())
                         _accumulate(stats[kind], "d_accuracy", acc.detach(), mean_over=len(selection.t_indices))
                         _accumulate(stats[kind], "logit_gap", (real_l.detach().float().mean()
                                                                - fake_l.detach().float().mean()))
                         _accumulate(stats[kind], "head_age", self._ages_of(ti, kind, selection).float().mean())
                         _accumulate(stats[kind], "heads", torch.tensor(float(logits.shape[0])))
+            out.t_star_accuracy[t] = torch.stack(accuracies).mean()
         out.d_loss = torch.stack(total).sum()
         out.diagnostics = _finish(stats, len(selection.t_indices))
         return out
@@ -734,6 +741,11 @@ def _cat_kwargs(kwargs_list: Sequence[Mapping]) -> dict:
 
 
 _MEAN_OVER_GROUPS = ("real_logit", "fake_logit", "d_accuracy", "logit_gap", "head_age")
+
+
+def t_star_accuracy_keys(t_star_accuracy: dict) -> dict:
+    """{t*: accuracy} as the flat log keys {"d_accuracy_t<t*>": accuracy} (not "<kind>/..." keys: no head kind)."""
+    return {f"d_accuracy_t{t}": v for t, v in t_star_accuracy.items()}
 
 
 def _accumulate(stats: dict, name: str, value: torch.Tensor, mean_over: int = 1):

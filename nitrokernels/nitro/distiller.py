@@ -65,7 +65,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nitrokernels.nitro.discriminator import DynamicDiscriminator
+from nitrokernels.nitro.discriminator import DynamicDiscriminator, t_star_accuracy_keys
 
 if TYPE_CHECKING:
     from nitrokernels.nitro.scheduler import TimestepShiftLCMScheduler
@@ -382,9 +382,11 @@ def _progress_fields(row: dict) -> dict:
 
 def _step_diagnostics(d_diag, g_diag=None) -> dict:
     """Per-kind diagnostics of an iteration ("<kind>/<name>") plus their means over kinds ("d_accuracy",
-    "logit_gap", "head_age"): what a GAN user watches to see the discriminator keep up. g_diag: None in an
-    iteration without a generator update (a regression warm-up's)."""
+    "logit_gap", "head_age") and the accuracy of each sampled t* group ("d_accuracy_t<t*>"): what a GAN user
+    watches to see the discriminator keep up. g_diag: None in an iteration without a generator update (a
+    regression warm-up's)."""
     flat = {f"{k}/{n}": v for k, st in d_diag.diagnostics.items() for n, v in st.items() if n != "heads"}
+    flat.update(t_star_accuracy_keys(d_diag.t_star_accuracy))
     if g_diag is not None:
         flat.update({f"{k}/{n}": v for k, st in g_diag.diagnostics.items() for n, v in st.items() if n == "g_loss"})
     for name in ("d_accuracy", "logit_gap", "head_age"):

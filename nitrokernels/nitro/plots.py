@@ -25,7 +25,8 @@ def _plot_smoothed(ax, steps, values, label, **style):
 
 def save_loss_png(path: str, history: list[dict]) -> str:
     """Two panels: the losses, and what shows whether the discriminator keeps up (its accuracy per head kind,
-    with chance at 0.5, and the mean age of the heads it used)."""
+    with chance at 0.5, and the mean age of the heads it used); a third with its accuracy per t* group when the
+    history has it (the iterations that drew that group)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +37,9 @@ def save_loss_png(path: str, history: list[dict]) -> str:
     adversarial = [r for r in history if "g_loss" in r]
     history = [r for r in history if "d_loss" in r]  # every iteration that trained the heads (both phases)
     steps = np.array([r["step"] for r in history])
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
+    t_stars = sorted({int(k[len("d_accuracy_t"):]) for r in history for k in r if k.startswith("d_accuracy_t")})
+    fig, axes = plt.subplots(3 if t_stars else 2, 1, figsize=(6.4, 9.0 if t_stars else 6.4), sharex=True)
+    ax, ax2 = axes[0], axes[1]
     _plot_smoothed(ax, steps, [r["d_loss"] for r in history], "discriminator (sampled heads, summed)")
     _plot_smoothed(ax, np.array([r["step"] for r in adversarial]), [r["g_loss"] for r in adversarial],
                    "generator (student)")
@@ -48,7 +51,7 @@ def save_loss_png(path: str, history: list[dict]) -> str:
                  label="warm-up regression (mse)")
         mse.set_ylabel("warm-up mse", fontsize=8)
         mse.legend(loc="center right", fontsize=8)
-        for axis in (ax, ax2):
+        for axis in axes:
             axis.axvline(warmup[-1]["step"], color="gray", lw=0.8, ls=":")
     ax.legend(fontsize=8)
     kinds = sorted({k.split("/")[0] for r in history for k in r if k.endswith("/d_accuracy")})
@@ -56,13 +59,22 @@ def save_loss_png(path: str, history: list[dict]) -> str:
         _plot_smoothed(ax2, steps, [r.get(f"{kind}/d_accuracy", np.nan) for r in history], f"accuracy, {kind}")
     ax2.axhline(0.5, color="gray", lw=0.8, ls="--", label="chance")
     ax2.set_ylabel("discriminator accuracy")
-    ax2.set_xlabel("iteration")
+    axes[-1].set_xlabel("iteration")
     if history and "head_age" in history[0]:
         age = ax2.twinx()
         age.plot(steps, [r["head_age"] for r in history], color="black", lw=0.8, alpha=0.6, label="mean head age")
         age.set_ylabel("updates of the sampled heads", fontsize=8)
         age.legend(loc="lower right", fontsize=8)
     ax2.legend(loc="upper left", fontsize=7)
+    if t_stars:
+        ax3 = axes[2]
+        for t in t_stars:   # only the iterations that drew this group: a t* is sampled in a subset of them
+            rows = [r for r in history if f"d_accuracy_t{t}" in r]
+            _plot_smoothed(ax3, np.array([r["step"] for r in rows]), [r[f"d_accuracy_t{t}"] for r in rows],
+                           f"accuracy, t* = {t}")
+        ax3.axhline(0.5, color="gray", lw=0.8, ls="--", label="chance")
+        ax3.set_ylabel("accuracy per t* group")
+        ax3.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
