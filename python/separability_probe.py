@@ -68,7 +68,7 @@ with torch.no_grad():
         fake = digits.teacher_sample(teacher, encoder, labels, int(args.fake[8:]), noise=fake_noise, batch_size=CHUNK)
     else:
         parser.error(f"--fake must be 'student' or 'teacher:N' with N >= 1, got {args.fake!r}")
-alphas_cumprod = digits.make_teacher_scheduler().alphas_cumprod
+noise_schedule = digits.make_teacher_scheduler()
 
 
 def probe_accuracy(t_star):
@@ -76,9 +76,8 @@ def probe_accuracy(t_star):
     torch.manual_seed(args.seed + 1)
     x, y = torch.cat([real, fake]), torch.cat([torch.ones(args.count), torch.zeros(args.count)])
     onehot = nn.functional.one_hot(torch.cat([labels, labels]), digits.NUM_CLASSES).float()
-    if t_star is not None:   # the discriminator's re-noising: x_t = sqrt(a) x0 + sqrt(1 - a) eps, fixed per sample
-        a = alphas_cumprod[t_star]
-        x = a.sqrt() * x + (1 - a).sqrt() * torch.randn_like(x)
+    if t_star is not None:   # the discriminator's re-noising (the noise schedule's x_t), fixed per sample
+        x = noise_schedule.add_noise(x, torch.randn_like(x), torch.full((len(x),), t_star))
     order = torch.randperm(len(x))
     x, y, onehot = x[order], y[order], onehot[order]
     n_train = int(0.8 * len(x))

@@ -170,6 +170,8 @@ def discriminator_summary(history: list[dict]) -> dict:
     """Means of the discriminator diagnostics (overall, per head kind and per t* group -- each over the iterations
     that drew it) over every iteration that trained the heads, over each phase (the regression warm-up's, when its
     heads trained; the adversarial one's), and over the last quarter of the run."""
+    from nitrokernels.nitro.discriminator import t_star_of_key
+
     history = [r for r in history if "d_loss" in r]
     if not history:
         return {}
@@ -177,7 +179,7 @@ def discriminator_summary(history: list[dict]) -> dict:
     phases = {"warm-up": [r for r in history if "regression_loss" in r],
               "adversarial": [r for r in history if "regression_loss" not in r]}
     keys = sorted({k for r in history for k in r if k in ("d_accuracy", "logit_gap", "head_age")
-                   or k.endswith(("/d_accuracy", "/logit_gap")) or k.startswith("d_accuracy_t")})
+                   or k.endswith(("/d_accuracy", "/logit_gap")) or t_star_of_key(k) is not None})
 
     def mean(rows, key):
         values = [r[key] for r in rows if key in r]
@@ -190,11 +192,13 @@ def discriminator_summary(history: list[dict]) -> dict:
 def format_discriminator_summary(summary: dict) -> str:
     if not summary:
         return ""
+    from nitrokernels.nitro.discriminator import t_star_of_key
+
     m, q = summary["mean"], summary["last_quarter"]
     kinds = sorted({k.split("/")[0] for k in m if "/" in k})
     per_kind = ", ".join(f"{kind} {m[f'{kind}/d_accuracy']:.2f}" for kind in kinds)
-    t_stars = sorted(int(k[len("d_accuracy_t"):]) for k in m if k.startswith("d_accuracy_t"))
-    per_t_star = "".join(f"; t* {t} {m[f'd_accuracy_t{t}']:.2f}" for t in t_stars)
+    t_star_keys = sorted((t_star_of_key(k), k) for k in m if t_star_of_key(k) is not None)
+    per_t_star = "".join(f"; t* {t} {m[k]:.2f}" for t, k in t_star_keys)
     phases = "".join(f"{name} {p['d_accuracy']:.2f}, " for name, p in summary.get("phases", {}).items())
     return (f"discriminator: accuracy {m['d_accuracy']:.2f} over the run ({phases}last quarter {q['d_accuracy']:.2f}; chance "
             f"0.50; {per_kind}{per_t_star}), real-fake logit gap {m['logit_gap']:+.2f}, mean age of the sampled "

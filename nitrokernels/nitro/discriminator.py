@@ -743,9 +743,18 @@ def _cat_kwargs(kwargs_list: Sequence[Mapping]) -> dict:
 _MEAN_OVER_GROUPS = ("real_logit", "fake_logit", "d_accuracy", "logit_gap", "head_age")
 
 
+T_STAR_ACCURACY_PREFIX = "d_accuracy_t"   # log key of a t* group's accuracy: "d_accuracy_t<t*>" (no head kind)
+
+
 def t_star_accuracy_keys(t_star_accuracy: dict) -> dict:
-    """{t*: accuracy} as the flat log keys {"d_accuracy_t<t*>": accuracy} (not "<kind>/..." keys: no head kind)."""
-    return {f"d_accuracy_t{t}": v for t, v in t_star_accuracy.items()}
+    """{t*: accuracy} as the flat log keys {"d_accuracy_t<t*>": accuracy}."""
+    return {f"{T_STAR_ACCURACY_PREFIX}{t}": v for t, v in t_star_accuracy.items()}
+
+
+def t_star_of_key(key: str) -> int | None:
+    """The t* of a "d_accuracy_t<t*>" log key; None for any other key."""
+    rest = key[len(T_STAR_ACCURACY_PREFIX):]
+    return int(rest) if key.startswith(T_STAR_ACCURACY_PREFIX) and rest.isdigit() else None
 
 
 def _accumulate(stats: dict, name: str, value: torch.Tensor, mean_over: int = 1):

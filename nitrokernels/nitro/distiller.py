@@ -672,7 +672,7 @@ class NitroDistiller:
         rounds = [self._micro_batches() for _ in range(cfg.d_steps)]
         reals = self._teacher_reals(rounds)
         for batches, real in zip(rounds, reals):
-            d_total, d_diag = self._discriminator_update(batches, selection, scale, reals=real)
+            d_total, d_diag = self._discriminator_update(batches, selection, scale, real)
         # generator phase: the student learns to fool the (updated, now constant) sampled heads
         g_total, g_diag = 0.0, None
         self.opt_student.zero_grad(set_to_none=True)
@@ -740,7 +740,7 @@ class NitroDistiller:
         total = 0.0
         batches = self._micro_batches()
         train_heads = cfg.warmup_heads_every > 0 and (self.step + 1) % cfg.warmup_heads_every == 0
-        pairs = []
+        reals, fakes = [], []
         self.opt_student.zero_grad(set_to_none=True)
         for mb in batches:
             if mb.index == 0:
@@ -753,13 +753,14 @@ class NitroDistiller:
             self.scaler.scale(loss * scale).backward()
             total = total + loss.detach() * scale
             if train_heads:  # the discriminator's real is always the teacher's sample from the starting noise
-                pairs.append((real if mb.index == 0 else self.teacher_x0(mb.noise, mb.cond, mb.uncond), fake.detach()))
+                reals.append(real if mb.index == 0 else self.teacher_x0(mb.noise, mb.cond, mb.uncond))
+                fakes.append(fake.detach())
         grad_norm = self._student_update(cfg.regression_lr)
         result = {"regression_loss": total, "t_star": [], "diagnostics": {},
                   "student_t": [int(self._model_t(mb.steps, mb.index)) for mb in batches]}
         if train_heads:
             selection = self.disc.sample(generator=self.dev_gen, host_generator=self.host_gen)
-            result["d_loss"], d_diag = self._discriminator_update(batches, selection, scale, pairs)
+            result["d_loss"], d_diag = self._discriminator_update(batches, selection, scale, reals, fakes)
             self._end_heads_iteration()
             result["t_star"], result["diagnostics"] = d_diag.t_star, _step_diagnostics(d_diag)
         if grad_norm is not None:
@@ -781,17 +782,17 @@ class NitroDistiller:
                 reals[r][j] = part
         return reals
 
-    def _discriminator_update(self, batches, selection, scale, pairs=None, reals=None):
-        """One heads optimiser step on `batches` (accumulated); real = the teacher's sample from each micro-batch's
-        noise (or `reals[i]`, computed by _teacher_reals), fake = the student's x̂0 at its step, unless both are
-        given as `pairs` [(real, fake), ...]. Returns (loss, first micro-batch's output)."""
+    def _discriminator_update(self, batches, selection, scale, reals, fakes=None):
+        """One heads optimiser step on `batches` (accumulated): reals[i] is micro-batch i's real (the teacher's
+        sample from its noise, see _teacher_reals), fakes[i] its fake (default: the student's x̂0 at its step,
+        made here without gradient). Returns (loss, first micro-batch's output)."""
         d_total, d_diag = 0.0, None
         self.opt_heads.zero_grad(set_to_none=True)
         for i, mb in enumerate(batches):
-            if pairs is not None:
-                real, fake = pairs[i]
+            real = reals[i]
+            if fakes is not None:
+                fake = fakes[i]
             else:
-                real = reals[i] if reals is not None else self.teacher_x0(mb.noise, mb.cond, mb.uncond)
                 with torch.no_grad():
                     fake = self.student_denoise(mb.x, mb.cond, mb.steps, mb.index)
             with self._autocast():

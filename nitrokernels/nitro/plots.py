@@ -33,12 +33,14 @@ def save_loss_png(path: str, history: list[dict]) -> str:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from nitrokernels.nitro.discriminator import t_star_of_key
+
     warmup = [r for r in history if "regression_loss" in r]
     adversarial = [r for r in history if "g_loss" in r]
     history = [r for r in history if "d_loss" in r]  # every iteration that trained the heads (both phases)
     steps = np.array([r["step"] for r in history])
-    t_stars = sorted({int(k[len("d_accuracy_t"):]) for r in history for k in r if k.startswith("d_accuracy_t")})
-    fig, axes = plt.subplots(3 if t_stars else 2, 1, figsize=(6.4, 9.0 if t_stars else 6.4), sharex=True)
+    t_star_keys = sorted({(t_star_of_key(k), k) for r in history for k in r if t_star_of_key(k) is not None})
+    fig, axes = plt.subplots(3 if t_star_keys else 2, 1, figsize=(6.4, 9.0 if t_star_keys else 6.4), sharex=True)
     ax, ax2 = axes[0], axes[1]
     _plot_smoothed(ax, steps, [r["d_loss"] for r in history], "discriminator (sampled heads, summed)")
     _plot_smoothed(ax, np.array([r["step"] for r in adversarial]), [r["g_loss"] for r in adversarial],
@@ -66,12 +68,11 @@ def save_loss_png(path: str, history: list[dict]) -> str:
         age.set_ylabel("updates of the sampled heads", fontsize=8)
         age.legend(loc="lower right", fontsize=8)
     ax2.legend(loc="upper left", fontsize=7)
-    if t_stars:
+    if t_star_keys:
         ax3 = axes[2]
-        for t in t_stars:   # only the iterations that drew this group: a t* is sampled in a subset of them
-            rows = [r for r in history if f"d_accuracy_t{t}" in r]
-            _plot_smoothed(ax3, np.array([r["step"] for r in rows]), [r[f"d_accuracy_t{t}"] for r in rows],
-                           f"accuracy, t* = {t}")
+        for t, key in t_star_keys:   # only the iterations that drew this group: a t* is sampled in a subset of them
+            rows = [r for r in history if key in r]
+            _plot_smoothed(ax3, np.array([r["step"] for r in rows]), [r[key] for r in rows], f"accuracy, t* = {t}")
         ax3.axhline(0.5, color="gray", lw=0.8, ls="--", label="chance")
         ax3.set_ylabel("accuracy per t* group")
         ax3.legend(loc="upper left", fontsize=7)
